@@ -1,0 +1,223 @@
+"""The decoder-only transformer, GPT-2 or Llama style by config.
+
+    style 'gpt2':  learned positions, LayerNorm (scale + bias), GELU MLP, biases, tied embeddings
+    style 'llama': RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases, untied output
+
+Both are pre-norm residual stacks. The layers are one `Block` whose parameters are stacked along
+a leading `layers` axis (built with `nnx.vmap`) and applied with `lax.scan` (unrolled when
+`scan_layers` is False: faster steps for shallow models, longer compiles for deep ones).
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
+`mlp`, `layers`, ...) and the residual stream is constrained to (`batch`, `length`, `embed`); the
+rules in `lm.sharding` map them onto the mesh. Parameters are stored in `param_dtype` and cast to
+`compute_dtype` where they are used; norms, softmax and the loss run in float32.
+
+Shapes: B batch, T length, D d_model, N heads, K kv heads, H head_dim, F mlp, V vocab, L layers.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from lm.config import ModelConfig
+from lm.sharding import constrain
+
+Initializer = jax.nn.initializers.Initializer
+# Per-feature vectors (biases, norm scales): no weight decay (see lm.optim.decay_mask).
+VECTOR_PARAMS = frozenset({"scale", "bias", "bq", "bk", "bv", "bo", "bi"})
+
+
+def _param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], names: tuple[str, ...],
+           dtype) -> nnx.Param:
+    # Not eagerly sharded: the model also builds outside a mesh; `lm.train` places parameters by
+    # jitting the constructor with out_shardings derived from these names.
+    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype),
+                     eager_sharding=False)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (gpt2) or RMSNorm (llama), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.param_dtype)
+        self.rms = cfg.style == "llama"
+        self.eps = cfg.norm_eps
+        self.scale = _param(rngs, jax.nn.initializers.ones, (cfg.d_model,), ("norm",), dtype)
+        if not self.rms:
+            self.bias = _param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ("norm",), dtype)
+
+    def __call__(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        x = x_btd.astype(jnp.float32)
+        if self.rms:
+            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+            y = y * self.scale[...].astype(jnp.float32)
+        else:
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x_btd.dtype)
+
+
+def rope(x_btnh: Float[Array, "B T N H"], positions_bt: Int[Array, "B T"],
+         theta: float) -> Float[Array, "B T N H"]:
+    """Rotary position embedding, rotate-half convention (as in Hugging Face's Llama)."""
+    half = x_btnh.shape[-1] // 2
+    freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions_bt[..., None].astype(jnp.float32) * freqs  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_btnh.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with `num_kv_heads` shared key/value heads (GQA)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dtype = jnp.dtype(cfg.param_dtype)
+        init = jax.nn.initializers.normal(0.02)
+        # GPT-2's residual projections start smaller so the residual stream's variance stays flat.
+        out_init = jax.nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
+        self.cfg = cfg
+        self.wq = _param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), dtype)
+        self.wk = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wv = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wo = _param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), dtype)
+        if cfg.style == "gpt2":
+            zeros = jax.nn.initializers.zeros
+            self.bq = _param(rngs, zeros, (n, h), ("heads", "head_dim"), dtype)
+            self.bk = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
+            self.bv = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
+            self.bo = _param(rngs, zeros, (d,), ("embed",), dtype)
+
+    def __call__(self, x_btd: Float[Array, "B T D"],
+                 positions_bt: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        cfg, dt = self.cfg, x_btd.dtype
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dt))
+        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...].astype(dt))
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv[...].astype(dt))
+        if cfg.style == "gpt2":
+            q_btnh += self.bq[...].astype(dt)
+            k_btkh += self.bk[...].astype(dt)
+            v_btkh += self.bv[...].astype(dt)
+        else:
+            q_btnh = rope(q_btnh, positions_bt, cfg.rope_theta)
+            k_btkh = rope(k_btkh, positions_bt, cfg.rope_theta)
+        # Grouped-query attention is native here: K must divide N. On GPU with bf16 this takes
+        # cuDNN's flash attention; elsewhere the XLA implementation.
+        out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True)
+        out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.wo[...].astype(dt))
+        if cfg.style == "gpt2":
+            out_btd += self.bo[...].astype(dt)
+        return out_btd
+
+
+class Mlp(nnx.Module):
+    """GELU MLP (gpt2, with biases) or SwiGLU (llama)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.mlp_dim
+        dtype = jnp.dtype(cfg.param_dtype)
+        init = jax.nn.initializers.normal(0.02)
+        out_init = jax.nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
+        self.gated = cfg.style == "llama"
+        self.wi = _param(rngs, init, (d, f), ("embed", "mlp"), dtype)
+        self.wo = _param(rngs, out_init, (f, d), ("mlp", "embed"), dtype)
+        if self.gated:
+            self.wg = _param(rngs, init, (d, f), ("embed", "mlp"), dtype)
+        else:
+            zeros = jax.nn.initializers.zeros
+            self.bi = _param(rngs, zeros, (f,), ("mlp",), dtype)
+            self.bo = _param(rngs, zeros, (d,), ("embed",), dtype)
+
+    def __call__(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        dt = x_btd.dtype
+        h_btf = jnp.einsum("btd,df->btf", x_btd, self.wi[...].astype(dt))
+        if self.gated:
+            g_btf = jnp.einsum("btd,df->btf", x_btd, self.wg[...].astype(dt))
+            h_btf = jax.nn.silu(g_btf) * h_btf
+        else:
+            h_btf = jax.nn.gelu(h_btf + self.bi[...].astype(dt), approximate=True)
+        h_btf = constrain(h_btf, ("batch", "length", "mlp"))
+        out_btd = jnp.einsum("btf,fd->btd", h_btf, self.wo[...].astype(dt))
+        if not self.gated:
+            out_btd += self.bo[...].astype(dt)
+        return out_btd
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg, rngs=rngs)
+        self.mlp = Mlp(cfg, rngs=rngs)
+
+    def __call__(self, x_btd: Float[Array, "B T D"],
+                 positions_bt: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt)
+        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        return constrain(x_btd, ("batch", "length", "embed"))
+
+
+class Transformer(nnx.Module):
+    """Token ids [B, T] -> next-token logits [B, T, V] (in compute_dtype)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.param_dtype)
+        init = jax.nn.initializers.normal(0.02)
+        self.embed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype)
+        if cfg.style == "gpt2":
+            self.pos_embed = _param(rngs, jax.nn.initializers.normal(0.01),
+                                    (cfg.max_len, cfg.d_model), ("positions", "embed"), dtype)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = Norm(cfg, rngs=rngs)
+        if not cfg.tied_embeddings:
+            self.unembed = _param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                  dtype)
+
+    def __call__(self, tokens_bt: Int[Array, "B T"],
+                 positions_bt: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.compute_dtype)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        if cfg.style == "gpt2":
+            x_btd += jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
+        x_btd = constrain(x_btd, ("batch", "length", "embed"))
+
+        block_def, block_state = nnx.split(self.blocks)
+
+        def layer(x_btd, layer_state):
+            return nnx.merge(block_def, layer_state)(x_btd, positions_bt), None
+
+        if cfg.remat:
+            layer = jax.checkpoint(layer, prevent_cse=False)
+        x_btd, _ = jax.lax.scan(layer, x_btd, block_state,
+                                unroll=1 if cfg.scan_layers else cfg.num_layers)
+
+        x_btd = self.final_norm(x_btd)
+        if cfg.tied_embeddings:
+            logits_btv = jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(dt))
+        else:
+            logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.unembed[...].astype(dt))
+        return constrain(logits_btv, ("batch", "length", "vocab"))
+
+
+def param_count(model: nnx.Module) -> int:
+    """Number of parameters (works on abstract models from `nnx.eval_shape`)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,68 @@
+"""Where metrics go: JSONL, TensorBoard and a progress bar, written by process 0 only.
+
+The jitted step returns metrics as arrays; the host decides when to fetch and log them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+
+class Tracker:
+    """log(step, metrics) / log_hparams(config) / finish(); no-ops on processes other than 0."""
+
+    def __init__(self, workdir: str, total_steps: int, progress: bool = True):
+        self.active = jax.process_index() == 0
+        self.bar = None
+        self.shown: dict[str, str] = {}
+        if not self.active:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm.auto import tqdm
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        if progress:
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def log_hparams(self, config: dict[str, Any], workdir: str) -> None:
+        if not self.active:
+            return
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        self.tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, step)
+        if self.bar is not None:
+            self.shown.update({k: f"{v:.4g}" for k, v in metrics.items() if k in
+                               ("loss", "eval_loss", "tokens_per_s")})
+            self.bar.set_postfix(self.shown, refresh=False)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def write(self, text: str) -> None:
+        """Prints above the progress bar (process 0 only)."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def finish(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.tb.close()
+        self.jsonl.close()

@@ -1,0 +1,179 @@
+"""`python -m lm.train --config configs/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]`
+
+The training entry point, the same command on every host. It validates the config into frozen
+dataclasses, builds the mesh, creates parameters and optimizer state already sharded (a jitted
+constructor with out_shardings from the logical axis names), then runs one jitted train step per
+batch: forward, cross-entropy, backward, AdamW. Metrics go to DIR/metrics.jsonl, DIR/tb and the
+progress bar; the final state to DIR/checkpoints (orbax); a generated sample ends the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lm import generate, sharding
+from lm.checkpoint import Checkpointer
+from lm.config import ConfigError, RunConfig, from_config_dict
+from lm.data import Loader, load_corpus
+from lm.model import Transformer
+from lm.optim import make_optimizer, schedule
+from lm.tracking import Tracker
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The jitted functions and shardings of one run; built once, before the loop."""
+    run: RunConfig
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    tx: optax.GradientTransformation
+    state_sharding: dict[str, Any]
+    init: Any        # () -> state
+    train_step: Any  # (state, batch) -> (state, metrics)
+    eval_step: Any   # (params, batch) -> loss
+
+
+def loss_fn(graphdef, params, batch_bt: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy (float32) of a [B, T + 1] batch."""
+    logits_btv = nnx.merge(graphdef, params)(batch_bt[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_btv.astype(jnp.float32), batch_bt[:, 1:]).mean()
+
+
+def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
+    """Traces nothing yet: works out shapes and shardings abstractly and wraps the jits."""
+    tx = make_optimizer(run.optim, run.train.steps)
+    make_model = lambda: Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+        graphdef, abs_params = nnx.split(nnx.eval_shape(make_model))
+        param_sharding = nnx.get_named_sharding(abs_params, mesh)
+    replicated = NamedSharding(mesh, P())
+    opt_sharding = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, abs_params), param_sharding,
+        transform_non_params=lambda _: replicated)
+    state_sharding = {"step": replicated, "params": param_sharding, "opt_state": opt_sharding}
+
+    def init():
+        params = nnx.state(make_model())
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    def train_step(state, batch_bt):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch_bt))(
+            state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return Trainer(
+        run=run, mesh=mesh, graphdef=graphdef, tx=tx, state_sharding=state_sharding,
+        init=jax.jit(init, out_shardings=state_sharding),
+        train_step=jax.jit(train_step, donate_argnums=(0,),
+                           out_shardings=(state_sharding, replicated)),
+        eval_step=jax.jit(lambda params, batch: loss_fn(graphdef, params, batch)),
+    )
+
+
+def train(run: RunConfig, workdir: str) -> dict[str, Any]:
+    """Runs `run` to completion in `workdir`; returns the final state (sharded arrays)."""
+    workdir = os.path.abspath(workdir)
+    mesh = sharding.make_mesh(run.mesh)
+    t, m = run.train, run.model
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % data_ways:
+        raise ConfigError(f"'train.batch_size' ({t.batch_size}) must be divisible by "
+                          f"mesh.data x mesh.fsdp ({data_ways})")
+    corpus = load_corpus(run.data.eval_percent)
+    if m.vocab_size < corpus.tokenizer.vocab_size:
+        raise ConfigError(f"'model.vocab_size' ({m.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({corpus.tokenizer.vocab_size})")
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_data = Loader(corpus.train, t.batch_size, t.seq_len, t.seed, batch_sharding)
+    eval_data = Loader(corpus.eval, t.batch_size, t.seq_len, t.seed + 1, batch_sharding)
+
+    tracker = Tracker(workdir, t.steps, progress=t.progress)
+    tracker.log_hparams(run.to_dict(), workdir)
+    ckpt = Checkpointer(workdir, keep=run.checkpoint.keep)
+    lr = schedule(run.optim, t.steps)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+        trainer = build(run, mesh)
+        state = trainer.init()
+        tracker.write(f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
+                      f"mesh {dict(mesh.shape)}, {len(corpus.train):,} train tokens")
+
+        window_start, window_steps = None, 0
+        for step in range(1, t.steps + 1):
+            state, metrics = trainer.train_step(state, train_data.batch(step - 1))
+            window_steps += 1
+            if window_start is None:  # the first step compiles; time from its end
+                jax.block_until_ready(metrics)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % t.log_every == 0 or step == t.steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - window_start
+                record = {"loss": float(metrics["loss"]), "lr": float(lr(step - 1)),
+                          "grad_norm": float(metrics["grad_norm"]),
+                          "tokens_per_s": window_steps * t.batch_size * t.seq_len / elapsed
+                          if window_steps else 0.0}
+                tracker.log(step, record)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % t.eval_every == 0 or step == t.steps:
+                losses = [trainer.eval_step(state["params"], eval_data.batch(i))
+                          for i in range(t.eval_batches)]
+                eval_loss = float(np.mean(jax.device_get(losses)))
+                tracker.log(step, {"eval_loss": eval_loss})
+                tracker.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                window_start, window_steps = time.perf_counter(), 0  # don't bill eval to training
+            if run.checkpoint.every and step % run.checkpoint.every == 0 and step != t.steps:
+                ckpt.save(step, state)
+            tracker.advance(step)
+        ckpt.save(t.steps, state)
+        ckpt.close()
+    tracker.finish()
+
+    if t.sample_tokens:
+        prompt = corpus.tokenizer.encode("def ")[None].astype(np.int32)
+        n = min(t.sample_tokens, m.max_len - prompt.shape[1])
+        with jax.set_mesh(mesh):
+            out = generate.sample(trainer.graphdef, state["params"], prompt=jnp.asarray(prompt),
+                                  num_tokens=n, seed=t.seed)
+        if jax.process_index() == 0:
+            print("----- sample -----\n" + corpus.tokenizer.decode(jax.device_get(out)[0]) +
+                  "\n------------------", flush=True)
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "configs/NAME.py[:ARG]", flag_values=flag_values, lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "output directory", flag_values=flag_values)
+    argv = sys.argv if argv is None else ["lm.train", *argv]
+    try:
+        flag_values(argv)
+        if config_flag.value is None:
+            raise ConfigError("--config is required, e.g. --config configs/tiny.py")
+        if workdir.value is None:
+            raise ConfigError("--workdir is required: where metrics, tb/ and checkpoints go")
+        run = from_config_dict(config_flag.value)
+    except (flags.Error, ConfigError, KeyError, AttributeError, TypeError, ValueError) as e:
+        print(f"lm.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    train(run, workdir.value)
+
+
+if __name__ == "__main__":
+    main()
