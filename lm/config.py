@@ -148,7 +148,10 @@ def override(cfg: ml_collections.ConfigDict, **flat: Any) -> ml_collections.Conf
             node = node[p]
         if leaf not in node:
             raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node.keys())}")
-        node[leaf] = value
+        try:
+            node[leaf] = value
+        except TypeError as e:  # ConfigDict keeps each key's type
+            raise ConfigError(f"{key!r}: {e}") from None
     return cfg
 
 

@@ -72,7 +72,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
             state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return Trainer(
@@ -169,7 +169,13 @@ def main(argv: list[str] | None = None) -> None:
         if workdir.value is None:
             raise ConfigError("--workdir is required: where metrics, tb/ and checkpoints go")
         run = from_config_dict(config_flag.value)
-    except (flags.Error, ConfigError, KeyError, AttributeError, TypeError, ValueError) as e:
+    except (KeyError, AttributeError) as e:  # config_flags: --config.<unknown key>=...
+        while e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        print(f"lm.train: error: unknown config key {e.args[0] if e.args else e}",
+              file=sys.stderr)
+        sys.exit(2)
+    except (flags.Error, ConfigError, TypeError, ValueError) as e:
         print(f"lm.train: error: {e}", file=sys.stderr)
         sys.exit(2)
     train(run, workdir.value)

@@ -1,0 +1,108 @@
+"""Config files load, build abstractly, count parameters right, and reject bad values by name."""
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from conftest import ROOT
+from lm.config import ConfigError, from_config_dict, load_config_file, override
+from lm.model import Transformer, param_count
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = [c for c in CONFIGS if not c.endswith("__init__.py")]
+
+
+def abstract_model(run):
+    return nnx.eval_shape(lambda: Transformer(run.model, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_loads_and_builds_abstractly(path):
+    run = from_config_dict(load_config_file(path))
+    model = abstract_model(run)
+    params = jax.tree.leaves(nnx.state(model))
+    assert params and all(isinstance(p, jax.ShapeDtypeStruct) for p in params)
+    assert param_count(model) > 0
+
+
+def test_tiny_llama_variant():
+    run = from_config_dict(load_config_file(os.path.join(ROOT, "configs/tiny.py:llama")))
+    assert run.model.style == "llama" and run.model.num_kv_heads < run.model.num_heads
+    with pytest.raises(ValueError, match="unknown variant"):
+        load_config_file(os.path.join(ROOT, "configs/tiny.py:nope"))
+
+
+def analytic_params(style, L, d, n, k, f, V, max_len):
+    h = d // n
+    if style == "gpt2":  # biases everywhere, LayerNorm scale + bias, tied embeddings
+        layer = (d * n * h + 2 * d * k * h + n * h * d) + (n * h + 2 * k * h + d) \
+            + (2 * d * f + f + d) + 2 * 2 * d
+        return V * d + max_len * d + L * layer + 2 * d
+    layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + 2 * d  # RMSNorm scale only
+    return 2 * V * d + L * layer + d
+
+
+def test_gpt2_small_parameter_count():
+    run = from_config_dict(load_config_file(os.path.join(ROOT, "configs/gpt2_small.py")))
+    count = param_count(abstract_model(run))
+    m = run.model
+    assert count == analytic_params("gpt2", m.num_layers, m.d_model, m.num_heads,
+                                    m.num_kv_heads, m.mlp_dim, m.vocab_size, m.max_len)
+    assert count == 124_439_808  # Hugging Face's gpt2 checkpoint has exactly this many
+
+
+def test_llama_1b_parameter_count():
+    run = from_config_dict(load_config_file(os.path.join(ROOT, "configs/llama_1b.py")))
+    count = param_count(abstract_model(run))
+    m = run.model
+    assert count == analytic_params("llama", m.num_layers, m.d_model, m.num_heads,
+                                    m.num_kv_heads, m.mlp_dim, m.vocab_size, m.max_len)
+    assert 1.0e9 < count < 1.2e9
+
+
+BASE = os.path.join(ROOT, "configs/base.py")
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model.num_heads", 5, "model.num_heads"),          # 5 does not divide 256
+    ("model.style", "bert2", "model.style"),
+    ("train.steps", -3, "train.steps"),
+    ("model.num_kv_heads", 3, "model.num_kv_heads"),
+    ("precision.compute_dtype", "float8", "precision.compute_dtype"),
+    ("train.seq_len", 4096, "train.seq_len"),
+    ("mesh.tensor", 0, "mesh.tensor"),
+    ("optim.name", "sgd", "optim.name"),
+    ("train.steps", "ten", "train.steps"),
+])
+def test_bad_values_name_the_key(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        from_config_dict(override(load_config_file(BASE), **{key: value}))
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match="model.num_layer"):
+        override(load_config_file(BASE), **{"model.num_layer": 3})
+    cfg = load_config_file(BASE)
+    cfg.unlock()
+    cfg.train.stepz = 3
+    with pytest.raises(ConfigError, match="train.stepz"):
+        from_config_dict(cfg)
+
+
+@pytest.mark.parametrize("flag,match", [
+    ("--config.model.num_layerz=3", "num_layerz"),
+    ("--config.train.steps=abc", "train.steps"),
+    ("--config.model.num_heads=7", "model.num_heads"),
+    ("--config.model.style=bert2", "model.style"),
+])
+def test_cli_rejects_bad_flags_naming_the_key(flag, match, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm.train", "--config", os.path.join(ROOT, "configs/tiny.py"),
+         "--workdir", str(tmp_path), flag], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert match in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,45 @@
+"""The real entry point, end to end: `python -m lm.train` for 2 steps on data=8."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_pulse(tmp_path, variant):
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm.train", "--config", f"configs/tiny.py:{variant}",
+         "--workdir", str(workdir), "--config.train.steps=2", "--config.train.log_every=1",
+         "--config.train.eval_every=2", "--config.train.eval_batches=1",
+         "--config.train.sample_tokens=8", "--config.train.seq_len=64",
+         "--config.mesh.data=8"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'data': 8" in proc.stderr + proc.stdout
+    assert "----- sample -----" in proc.stdout
+
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2]
+    for r in train_records:
+        assert set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+        assert 0 < r["loss"] < 10 and r["grad_norm"] > 0
+    assert [r["step"] for r in records if "eval_loss" in r] == [2]
+
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["mesh"]["data"] == 8 and config["train"]["steps"] == 2
+    assert config["model"]["style"] == variant
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(workdir / "tb"))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eval_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+
+    ckpts = os.listdir(workdir / "checkpoints")
+    assert "2" in ckpts, ckpts
