@@ -61,17 +61,29 @@ class Norm(nnx.Module):
         return y.astype(x_btd.dtype)
 
 
-def rope(x_btnh: Float[Array, "B T N H"], positions_bt: Int[Array, "B T"],
-         theta: float) -> Float[Array, "B T N H"]:
-    """Rotary position embedding, rotate-half convention (as in Hugging Face's Llama)."""
-    half = x_btnh.shape[-1] // 2
+def rope_tables(positions_bt: Int[Array, "B T"], head_dim: int,
+                theta: float) -> tuple[Float[Array, "B T 1 H"], Float[Array, "B T 1 H"]]:
+    """(cos, signed sin) tables for `rope`, computed once per forward pass."""
+    half = head_dim // 2
     freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions_bt[..., None].astype(jnp.float32) * freqs  # [B, T, H/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_btnh.dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos_bth = jnp.concatenate([cos, cos], axis=-1)
+    sin_bth = jnp.concatenate([-sin, sin], axis=-1)
+    return cos_bth[:, :, None, :], sin_bth[:, :, None, :]
+
+
+def rope(x_btnh: Float[Array, "B T N H"], tables) -> Float[Array, "B T N H"]:
+    """Rotary position embedding, rotate-half convention (as in Hugging Face's Llama).
+
+    x * cos + rotate_half(x) * sin, with rotate_half written as a reversal of the two halves
+    (a reshape and a `rev`) so that XLA fuses it elementwise instead of building a concatenate.
+    """
+    cos, sin = tables
+    b, t, n, h = x_btnh.shape
+    x = x_btnh.astype(jnp.float32)
+    swapped = x.reshape(b, t, n, 2, h // 2)[..., ::-1, :].reshape(b, t, n, h)
+    return (x * cos + swapped * sin).astype(x_btnh.dtype)
 
 
 class Attention(nnx.Module):
@@ -95,8 +107,7 @@ class Attention(nnx.Module):
             self.bv = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
             self.bo = _param(rngs, zeros, (d,), ("embed",), dtype)
 
-    def __call__(self, x_btd: Float[Array, "B T D"],
-                 positions_bt: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None) -> Float[Array, "B T D"]:
         cfg, dt = self.cfg, x_btd.dtype
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dt))
         k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...].astype(dt))
@@ -106,8 +117,8 @@ class Attention(nnx.Module):
             k_btkh += self.bk[...].astype(dt)
             v_btkh += self.bv[...].astype(dt)
         else:
-            q_btnh = rope(q_btnh, positions_bt, cfg.rope_theta)
-            k_btkh = rope(k_btkh, positions_bt, cfg.rope_theta)
+            q_btnh = rope(q_btnh, rope_bt)
+            k_btkh = rope(k_btkh, rope_bt)
         # Grouped-query attention is native here: K must divide N. On GPU with bf16 this takes
         # cuDNN's flash attention; elsewhere the XLA implementation.
         out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True)
@@ -159,9 +170,9 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x_btd: Float[Array, "B T D"],
-                 positions_bt: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt)
+    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None) -> Float[Array, "B T D"]:
+        """`rope_bt`: the (cos, sin) tables of `rope_tables` (llama style), else None."""
+        x_btd = x_btd + self.attn(self.attn_norm(x_btd), rope_bt)
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
         return constrain(x_btd, ("batch", "length", "embed"))
 
@@ -186,7 +197,9 @@ class Transformer(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.final_norm = Norm(cfg, rngs=rngs)
         if not cfg.tied_embeddings:
-            self.unembed = _param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+            # Stored [vocab, embed] like the input table: XLA:CPU then runs the head's backward
+            # as the same GEMMs as the tied case (measured faster than [embed, vocab]).
+            self.unembed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                   dtype)
 
     def __call__(self, tokens_bt: Int[Array, "B T"],
@@ -199,11 +212,13 @@ class Transformer(nnx.Module):
         if cfg.style == "gpt2":
             x_btd += jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
         x_btd = constrain(x_btd, ("batch", "length", "embed"))
+        rope_bt = (rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta)
+                   if cfg.style == "llama" else None)
 
         block_def, block_state = nnx.split(self.blocks)
 
         def layer(x_btd, layer_state):
-            return nnx.merge(block_def, layer_state)(x_btd, positions_bt), None
+            return nnx.merge(block_def, layer_state)(x_btd, rope_bt), None
 
         if cfg.remat:
             layer = jax.checkpoint(layer, prevent_cse=False)
@@ -216,10 +231,8 @@ class Transformer(nnx.Module):
                 x_btd, _ = layer(x_btd, jax.tree.map(lambda a: a[i], block_state))
 
         x_btd = self.final_norm(x_btd)
-        if cfg.tied_embeddings:
-            logits_btv = jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(dt))
-        else:
-            logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.unembed[...].astype(dt))
+        table_vd = self.embed if cfg.tied_embeddings else self.unembed
+        logits_btv = jnp.einsum("btd,vd->btv", x_btd, table_vd[...].astype(dt))
         return constrain(logits_btv, ("batch", "length", "vocab"))
 
 

@@ -87,6 +87,12 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
 def train(run: RunConfig, workdir: str) -> dict[str, Any]:
     """Runs `run` to completion in `workdir`; returns the final state (sharded arrays)."""
     workdir = os.path.abspath(workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        # Refuse now rather than fail at the final save after hours of training.
+        raise ConfigError(f"--workdir {workdir} already holds checkpoints "
+                          f"({sorted(os.listdir(ckpt_dir))}); resuming is not supported yet: "
+                          "choose a new --workdir")
     mesh = sharding.make_mesh(run.mesh)
     t, m = run.train, run.model
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -178,7 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     except (flags.Error, ConfigError, TypeError, ValueError) as e:
         print(f"lm.train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    train(run, workdir.value)
+    try:
+        train(run, workdir.value)
+    except ConfigError as e:  # problems only visible once devices and data are known
+        print(f"lm.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

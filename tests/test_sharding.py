@@ -33,7 +33,7 @@ def test_parameters_are_born_sharded_on_a_2x2x2_mesh():
         state = train.build(run, mesh).init()
     p = state["params"]
     assert p["embed"][...].sharding.spec == P("tensor", "fsdp")
-    assert p["unembed"][...].sharding.spec == P("fsdp", "tensor")
+    assert p["unembed"][...].sharding.spec == P("tensor", "fsdp")
     assert p["blocks"]["attn"]["wq"][...].sharding.spec == P(None, "fsdp", "tensor", None)
     assert p["blocks"]["attn"]["wo"][...].sharding.spec == P(None, "tensor", None, "fsdp")
     assert p["blocks"]["mlp"]["wi"][...].sharding.spec == P(None, "fsdp", "tensor")

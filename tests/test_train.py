@@ -43,3 +43,23 @@ def test_pulse(tmp_path, variant):
 
     ckpts = os.listdir(workdir / "checkpoints")
     assert "2" in ckpts, ckpts
+
+
+def test_refuses_a_workdir_with_checkpoints(tmp_path):
+    (tmp_path / "checkpoints" / "400").mkdir(parents=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm.train", "--config", "configs/tiny.py",
+         "--workdir", str(tmp_path), "--config.train.steps=2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert "already holds checkpoints" in proc.stderr and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path / "checkpoints") == ["400"]  # nothing touched
+
+
+def test_batch_not_divisible_by_data_axis_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm.train", "--config", "configs/tiny.py",
+         "--workdir", str(tmp_path), "--config.train.batch_size=12", "--config.mesh.data=8"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert "train.batch_size" in proc.stderr and "Traceback" not in proc.stderr
