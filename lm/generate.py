@@ -32,7 +32,7 @@ def _sample(graphdef, params, buf_bt, prompt_len, key, length: int, temperature:
 
 
 def sample(model_or_graphdef, params=None, *, prompt: jax.Array, num_tokens: int,
-           temperature: float = 0.8, seed: int = 0) -> jax.Array:
+           temperature: float = 0.7, seed: int = 0) -> jax.Array:
     """Continues `prompt` [B, P] by `num_tokens` tokens; returns [B, P + num_tokens].
 
     Accepts a model, or a (graphdef, params) pair from `nnx.split`.
