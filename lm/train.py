@@ -149,7 +149,8 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
 
     if t.sample_tokens:
         prompt = corpus.tokenizer.encode("def ")[None].astype(np.int32)
-        n = min(t.sample_tokens, m.max_len - prompt.shape[1])
+        # Positions past train.seq_len were never trained (learned position embeddings).
+        n = min(t.sample_tokens, t.seq_len - prompt.shape[1])
         with jax.set_mesh(mesh):
             out = generate.sample(trainer.graphdef, state["params"], prompt=jnp.asarray(prompt),
                                   num_tokens=n, seed=t.seed)
