@@ -90,25 +90,30 @@ def ours(style: str, steps: int, scan_layers: bool) -> dict:
             "train_step_s": step, "train_tokens_per_s": SHAPE["batch"] * SHAPE["seq"] / step}
 
 
-def hf_peer(style: str, python: str) -> dict | None:
-    if not os.path.exists(python):
-        print(f"  (skipping Hugging Face peer: no interpreter at {python})", file=sys.stderr)
-        return None
-    cmd = [python, os.path.join(PEER_DIR, "hf_peer.py"), "--arch", style,
-           "--layers", str(SHAPE["layers"]), "--d-model", str(SHAPE["d_model"]),
-           "--heads", str(SHAPE["heads"]), "--vocab", str(SHAPE["vocab"]),
-           "--seq", str(SHAPE["seq"]), "--batch", str(SHAPE["batch"]), "--mlp", str(MLP[style])]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+def run_peer(name: str, cmd: list[str], timeout: int, env=None) -> dict | None:
+    """Runs a peer script and returns its last JSON line, or None (with a note) if it failed."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode:
-        print(f"  (Hugging Face peer failed: {out.stderr[-500:]})", file=sys.stderr)
+        print(f"  ({name} peer failed: {(out.stdout + out.stderr)[-500:]})", file=sys.stderr)
         return None
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return {"system": r["peer"], "train_step_s": r["train_step_s"],
             "train_tokens_per_s": r["train_tokens_per_s"]}
 
 
+def hf_peer(style: str, python: str) -> dict | None:
+    if not os.path.exists(python):
+        print(f"  (skipping Hugging Face peer: no interpreter at {python})", file=sys.stderr)
+        return None
+    s = SHAPE
+    return run_peer("Hugging Face", [
+        python, os.path.join(PEER_DIR, "hf_peer.py"), "--arch", style,
+        "--layers", str(s["layers"]), "--d-model", str(s["d_model"]), "--heads", str(s["heads"]),
+        "--vocab", str(s["vocab"]), "--seq", str(s["seq"]), "--batch", str(s["batch"]),
+        "--mlp", str(MLP[style])], timeout=1200)
+
+
 def maxtext_peer() -> dict | None:
-    script = os.path.join(PEER_DIR, "maxtext_peer.sh")
     s = SHAPE
     args = [s["layers"], s["d_model"], s["heads"], s["heads"], MLP["llama"], s["vocab"], s["seq"],
             s["batch"]]
@@ -116,14 +121,8 @@ def maxtext_peer() -> dict | None:
     py312 = os.path.expanduser("~/.pyenv/versions/3.12.1/bin")
     if os.path.isdir(py312):  # pyenv's shim for python3.12 fails when 3.12 is not selected
         env["PATH"] = py312 + os.pathsep + env["PATH"]
-    out = subprocess.run(["bash", script, *map(str, args)], capture_output=True, text=True,
-                         timeout=1800, env=env)
-    if out.returncode:
-        print(f"  (MaxText peer failed: {(out.stdout + out.stderr)[-500:]})", file=sys.stderr)
-        return None
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"system": r["peer"], "train_step_s": r["train_step_s"],
-            "train_tokens_per_s": r["train_tokens_per_s"]}
+    return run_peer("MaxText", ["bash", os.path.join(PEER_DIR, "maxtext_peer.sh"),
+                                *map(str, args)], timeout=1800, env=env)
 
 
 def main():

@@ -46,22 +46,17 @@ def analytic_params(style, L, d, n, k, f, V, max_len):
     return 2 * V * d + L * layer + d
 
 
-def test_gpt2_small_parameter_count():
-    run = from_config_dict(load_config_file(os.path.join(ROOT, "configs/gpt2_small.py")))
-    count = param_count(abstract_model(run))
+@pytest.mark.parametrize("name,expected", [
+    ("gpt2_small", 124_439_808),   # exactly Hugging Face's gpt2 checkpoint
+    ("llama_1b", 1_100_048_384),   # exactly TinyLlama-1.1B
+])
+def test_parameter_counts_match_the_analytic_formula(name, expected):
+    run = from_config_dict(load_config_file(os.path.join(ROOT, f"configs/{name}.py")))
     m = run.model
-    assert count == analytic_params("gpt2", m.num_layers, m.d_model, m.num_heads,
-                                    m.num_kv_heads, m.mlp_dim, m.vocab_size, m.max_len)
-    assert count == 124_439_808  # Hugging Face's gpt2 checkpoint has exactly this many
-
-
-def test_llama_1b_parameter_count():
-    run = from_config_dict(load_config_file(os.path.join(ROOT, "configs/llama_1b.py")))
     count = param_count(abstract_model(run))
-    m = run.model
-    assert count == analytic_params("llama", m.num_layers, m.d_model, m.num_heads,
+    assert count == analytic_params(m.style, m.num_layers, m.d_model, m.num_heads,
                                     m.num_kv_heads, m.mlp_dim, m.vocab_size, m.max_len)
-    assert 1.0e9 < count < 1.2e9
+    assert count == expected
 
 
 BASE = os.path.join(ROOT, "configs/base.py")
