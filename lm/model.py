@@ -221,12 +221,13 @@ class Transformer(nnx.Module):
             return nnx.merge(block_def, layer_state)(x_btd, rope_bt), None
 
         if cfg.remat:
-            layer = jax.checkpoint(layer, prevent_cse=False)
+            # Inside scan CSE cannot undo the recomputation; unrolled it can, so prevent it there.
+            layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             x_btd, _ = jax.lax.scan(layer, x_btd, block_state)
         else:
-            # A Python loop, not scan(unroll=L): scan's backward would stack every layer's
-            # residuals into [L, ...] buffers and slice them out again (measured 20% slower).
+            # A Python loop over slices of the stacked arrays: XLA sees L independent layers
+            # (scan(unroll=L) would still keep the backward's residuals in stacked buffers).
             for i in range(cfg.num_layers):
                 x_btd, _ = layer(x_btd, jax.tree.map(lambda a: a[i], block_state))
 
