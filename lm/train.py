@@ -161,7 +161,7 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()

@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from lm.config import ModelConfig, from_config_dict, load_config_file, override  # noqa: E402
+from lm.config import from_config_dict, load_config_file, override  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
 """Tokenizer, embedded corpus and the deterministic loader."""
-import jax
 import numpy as np
 import pytest
 

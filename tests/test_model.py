@@ -1,5 +1,4 @@
 """The model: causality, GQA equivalence, layer scan vs unroll, dtypes, and it can learn."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
