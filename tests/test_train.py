@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -17,7 +19,7 @@ def test_pulse(tmp_path, variant):
          "--workdir", str(workdir), "--config.train.steps=2", "--config.train.log_every=1",
          "--config.train.eval_every=2", "--config.train.eval_batches=1",
          "--config.train.sample_tokens=8", "--config.train.seq_len=64",
-         "--config.mesh.data=8"],
+         "--config.mesh.data=8", "--config.checkpoint.every=1"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'data': 8" in proc.stderr + proc.stdout
@@ -41,8 +43,31 @@ def test_pulse(tmp_path, variant):
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "eval_loss"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
 
-    ckpts = os.listdir(workdir / "checkpoints")
-    assert "2" in ckpts, ckpts
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]  # periodic + final
+    restored = restore_final(workdir, variant)
+    assert int(restored["step"]) == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
+
+
+def restore_final(workdir, variant):
+    """Restores the last checkpoint into the train state's shapes and shardings (8 devices)."""
+    from flax import nnx
+
+    from lm import sharding, train
+    from lm.checkpoint import Checkpointer
+    from lm.config import from_config_dict, load_config_file, override
+    run = from_config_dict(override(load_config_file(f"{ROOT}/configs/tiny.py:{variant}"),
+                                    **{"mesh.data": 8}))
+    mesh = sharding.make_mesh(run.mesh)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+        trainer = train.build(run, mesh)
+        abstract = jax.eval_shape(trainer.init)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, trainer.state_sharding)
+        ckpt = Checkpointer(str(workdir))
+        state = ckpt.restore(ckpt.latest_step(), abstract)
+        ckpt.close()
+    return state
 
 
 def test_refuses_a_workdir_with_checkpoints(tmp_path):
