@@ -4,7 +4,7 @@
     python -m lm.train --config configs/tiny.py:llama --workdir /tmp/tiny    # Llama style (GQA)
 
 Expected on 2 CPU cores: about 5.5 minutes; the loss falls from ~5.9 to ~1.6 nats/byte and the
-final sample looks like Python (`def test_list(self._ostring, **key)` after 1,000 steps).
+final sample looks like Python (one run: `def test_list(self._ostr))` ... `self.assertEqual(`).
 """
 from configs import base
 
