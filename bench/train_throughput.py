@@ -34,15 +34,14 @@ sys.path.insert(0, ROOT)
 from lm import sharding, train  # noqa: E402
 from lm.config import from_config_dict, load_config_file, override  # noqa: E402
 
-SHAPE = dict(layers=4, d_model=256, heads=4, vocab=8192, seq=128, batch=16)
-MLP = {"gpt2": 1024, "llama": 1024}
+SHAPE = dict(layers=4, d_model=256, heads=4, mlp=1024, vocab=8192, seq=128, batch=16)
 PEER_DIR = os.environ.get("SHARED_BENCH", os.path.join(ROOT, "..", "shared", "bench"))
 
 
 def flops_per_token(style: str) -> float:
     """6 x matmul parameters (layers + output head; the input lookup is free) + attention
     12 * L * T * d (PaLM's convention, full T x T)."""
-    d, L, f, v, t = SHAPE["d_model"], SHAPE["layers"], MLP[style], SHAPE["vocab"], SHAPE["seq"]
+    d, L, f, v, t = SHAPE["d_model"], SHAPE["layers"], SHAPE["mlp"], SHAPE["vocab"], SHAPE["seq"]
     mlp = (3 if style == "llama" else 2) * d * f
     return 6 * (L * (4 * d * d + mlp) + d * v) + 12 * L * t * d
 
@@ -63,7 +62,7 @@ def matmul_roof(n: int = 2048, reps: int = 10) -> float:
 def ours(style: str, steps: int, scan_layers: bool) -> dict:
     flat = {"model.style": style, "model.num_layers": SHAPE["layers"],
             "model.d_model": SHAPE["d_model"], "model.num_heads": SHAPE["heads"],
-            "model.num_kv_heads": SHAPE["heads"], "model.mlp_dim": MLP[style],
+            "model.num_kv_heads": SHAPE["heads"], "model.mlp_dim": SHAPE["mlp"],
             "model.vocab_size": SHAPE["vocab"], "model.max_len": SHAPE["seq"],
             "model.scan_layers": scan_layers, "train.seq_len": SHAPE["seq"],
             "train.batch_size": SHAPE["batch"], "mesh.data": 1}
@@ -110,12 +109,12 @@ def hf_peer(style: str, python: str) -> dict | None:
         python, os.path.join(PEER_DIR, "hf_peer.py"), "--arch", style,
         "--layers", str(s["layers"]), "--d-model", str(s["d_model"]), "--heads", str(s["heads"]),
         "--vocab", str(s["vocab"]), "--seq", str(s["seq"]), "--batch", str(s["batch"]),
-        "--mlp", str(MLP[style])], timeout=1200)
+        "--mlp", str(SHAPE["mlp"])], timeout=1200)
 
 
 def maxtext_peer() -> dict | None:
     s = SHAPE
-    args = [s["layers"], s["d_model"], s["heads"], s["heads"], MLP["llama"], s["vocab"], s["seq"],
+    args = [s["layers"], s["d_model"], s["heads"], s["heads"], s["mlp"], s["vocab"], s["seq"],
             s["batch"]]
     env = dict(os.environ)
     py312 = os.path.expanduser("~/.pyenv/versions/3.12.1/bin")

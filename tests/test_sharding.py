@@ -10,6 +10,10 @@ from lm import sharding, train
 from lm.config import ConfigError, MeshConfig
 
 
+def test_devices_are_faked():
+    assert jax.device_count() == 8  # set by tests/conftest.py before jax is imported
+
+
 def test_mesh_fills_minus_one_and_rejects_bad_shapes():
     assert sharding.resolve_mesh_shape(MeshConfig(data=-1, tensor=2), 8)["data"] == 4
     assert sharding.resolve_mesh_shape(MeshConfig(data=2, fsdp=2, tensor=2), 8)["fsdp"] == 2
