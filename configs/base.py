@@ -49,6 +49,8 @@ def get_config(arg=None):
     c.precision = ml_collections.ConfigDict(dict(param_dtype="float32", compute_dtype="float32"))
     # Device mesh sizes; -1 fills with the devices the other axes leave.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1, pipeline=1))
-    c.data = ml_collections.ConfigDict(dict(corpus="stdlib", eval_percent=2.0))
+    # data.path: a directory from `python -m lm.data.prepare`; "" trains on the embedded corpus
+    # (the stdlib's sources, prepared into WORKDIR/data with val_fraction held out).
+    c.data = ml_collections.ConfigDict(dict(path="", val_fraction=0.02, shuffle=True, prefetch=2))
     c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=2))
     return c

@@ -92,8 +92,10 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "stdlib"
-    eval_percent: float = 2.0  # share of documents held out for evaluation
+    path: str = ""              # a `python -m lm.data.prepare` directory; "" = the embedded corpus
+    val_fraction: float = 0.02  # embedded corpus: share of documents held out for evaluation
+    shuffle: bool = True        # a seeded permutation of the sequences each epoch
+    prefetch: int = 2           # batches built ahead by a background thread; 0 = none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,9 +265,8 @@ def validate(run: RunConfig) -> None:
     _check(run.mesh.pipeline == 1, "mesh.pipeline",
            "must be 1: pipeline parallelism is not implemented yet")
 
-    _check(run.data.corpus == "stdlib", "data.corpus",
-           f"must be 'stdlib' (the embedded corpus), got {run.data.corpus!r}")
-    _check(0 < run.data.eval_percent < 50, "data.eval_percent",
-           f"must be in (0, 50), got {run.data.eval_percent}")
+    _check(0 < run.data.val_fraction < 0.5, "data.val_fraction",
+           f"must be in (0, 0.5), got {run.data.val_fraction}")
+    _check(run.data.prefetch >= 0, "data.prefetch", f"must be >= 0, got {run.data.prefetch}")
     _check(run.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {run.checkpoint.every}")
     _check(run.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {run.checkpoint.keep}")

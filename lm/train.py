@@ -24,7 +24,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lm import generate, sharding
 from lm.checkpoint import Checkpointer
 from lm.config import ConfigError, RunConfig, from_config_dict
-from lm.data import Loader, load_corpus
+from lm.data.corpus import prepare_stdlib
+from lm.data.dataset import Dataset
+from lm.data.loader import Loader, LoaderState
 from lm.model import Transformer
 from lm.optim import make_optimizer, schedule
 from lm.tracking import Tracker
@@ -99,13 +101,23 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
     if t.batch_size % data_ways:
         raise ConfigError(f"'train.batch_size' ({t.batch_size}) must be divisible by "
                           f"mesh.data x mesh.fsdp ({data_ways})")
-    corpus = load_corpus(run.data.eval_percent)
-    if m.vocab_size < corpus.tokenizer.vocab_size:
-        raise ConfigError(f"'model.vocab_size' ({m.vocab_size}) is smaller than the tokenizer's "
-                          f"vocabulary ({corpus.tokenizer.vocab_size})")
+    dataset = open_dataset(run, workdir)
+    tokenizer = dataset.tokenizer
+    if m.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"'model.vocab_size' ({m.vocab_size}) is smaller than the vocabulary "
+                          f"of the tokenizer of {dataset.path} ({tokenizer.vocab_size})")
     batch_sharding = sharding.batch_sharding(mesh)
-    train_data = Loader(corpus.train, t.batch_size, t.seq_len, t.seed, batch_sharding)
-    eval_data = Loader(corpus.eval, t.batch_size, t.seq_len, t.seed + 1, batch_sharding)
+    try:
+        train_data = Loader(dataset.split("train"), t.batch_size, t.seq_len, t.seed,
+                            batch_sharding, shuffle=run.data.shuffle, prefetch=run.data.prefetch,
+                            fingerprint=dataset.fingerprint)
+        eval_data = Loader(dataset.split("val"), t.batch_size, t.seq_len, t.seed, batch_sharding,
+                           shuffle=False)
+    except ValueError as e:
+        raise ConfigError(f"data {dataset.path}: {e}") from None
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        tokenizer.save(workdir)  # generation and serving read it from the workdir
 
     tracker = Tracker(workdir, t.steps, progress=t.progress)
     tracker.log_hparams(run.to_dict(), workdir)
@@ -115,11 +127,12 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
         trainer = build(run, mesh)
         state = trainer.init()
         tracker.write(f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
-                      f"mesh {dict(mesh.shape)}, {len(corpus.train):,} train tokens")
+                      f"mesh {dict(mesh.shape)}, {dataset.num_tokens('train'):,} train tokens "
+                      f"({train_data.num_sequences:,} sequences) from {dataset.path}")
 
         window_start, window_steps = None, 0
         for step in range(1, t.steps + 1):
-            state, metrics = trainer.train_step(state, train_data.batch(step - 1))
+            state, metrics = trainer.train_step(state, next(train_data))
             window_steps += 1
             if window_start is None:  # the first step compiles; time from its end
                 jax.block_until_ready(metrics)
@@ -134,30 +147,45 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
                 tracker.log(step, record)
                 window_start, window_steps = time.perf_counter(), 0
             if step % t.eval_every == 0 or step == t.steps:
-                losses = [trainer.eval_step(state["params"], eval_data.batch(i))
+                losses = [trainer.eval_step(state["params"],
+                                            eval_data.batch_at(LoaderState(0, i * t.batch_size)))
                           for i in range(t.eval_batches)]
                 eval_loss = float(np.mean(jax.device_get(losses)))
                 tracker.log(step, {"eval_loss": eval_loss})
                 tracker.write(f"step {step}: eval_loss {eval_loss:.4f}")
                 window_start, window_steps = time.perf_counter(), 0  # don't bill eval to training
             if run.checkpoint.every and step % run.checkpoint.every == 0 and step != t.steps:
-                ckpt.save(step, state)
+                ckpt.save(step, state, train_data.state_dict())
             tracker.advance(step)
-        ckpt.save(t.steps, state)
+        train_data.close()
+        ckpt.save(t.steps, state, train_data.state_dict())
         ckpt.close()
     tracker.finish()
 
     if t.sample_tokens:
-        prompt = corpus.tokenizer.encode("def ")[None].astype(np.int32)
+        prompt = tokenizer.encode("def ")[None].astype(np.int32)
         # Positions past train.seq_len were never trained (learned position embeddings).
         n = min(t.sample_tokens, t.seq_len - prompt.shape[1])
         with jax.set_mesh(mesh):
             out = generate.sample(trainer.graphdef, state["params"], prompt=jnp.asarray(prompt),
                                   num_tokens=n, seed=t.seed)
         if jax.process_index() == 0:
-            print("----- sample -----\n" + corpus.tokenizer.decode(jax.device_get(out)[0]) +
+            print("----- sample -----\n" + tokenizer.decode(jax.device_get(out)[0]) +
                   "\n------------------", flush=True)
     return state
+
+
+def open_dataset(run: RunConfig, workdir: str) -> Dataset:
+    """`data.path`, or the embedded corpus prepared into WORKDIR/data (once; later runs in the
+    same workdir reuse it). Each process prepares its own copy: no race on a shared filesystem."""
+    path = run.data.path
+    if not path:
+        name = "stdlib" if jax.process_index() == 0 else f"stdlib.{jax.process_index()}"
+        path = prepare_stdlib(os.path.join(workdir, "data", name), run.data.val_fraction)
+    try:
+        return Dataset(path)
+    except ValueError as e:
+        raise ConfigError(f"'data.path': {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,6 +47,17 @@ def test_pulse(tmp_path, variant):
     restored = restore_final(workdir, variant)
     assert int(restored["step"]) == 2
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
+    # The loader's state rides in each checkpoint: the next batch after 1 and after 2 steps.
+    from lm.checkpoint import Checkpointer
+    ckpt = Checkpointer(str(workdir))
+    saved = [ckpt.restore_loader_state(s) for s in (1, 2)]
+    ckpt.close()
+    assert [(d["epoch"], d["position"]) for d in saved] == [(0, 16), (0, 32)]
+    assert saved[0]["seq_len"] == 64 and saved[0]["seed"] == 0
+    # The embedded corpus went through lm.data.prepare, cached in the workdir.
+    manifest = json.loads((workdir / "data" / "stdlib" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["kind"] == "bytes" and saved[0]["fingerprint"] == \
+        manifest["fingerprint"]
 
 
 def restore_final(workdir, variant):
@@ -68,6 +79,34 @@ def restore_final(workdir, variant):
         state = ckpt.restore(ckpt.latest_step(), abstract)
         ckpt.close()
     return state
+
+
+def test_trains_on_a_prepared_bpe_corpus(tmp_path):
+    """data.path: a BPE corpus from lm.data.prepare; the tokenizer lands in the workdir; a model
+    vocabulary smaller than the tokenizer's is a clear error."""
+    from conftest import small_run
+
+    from lm import train
+    from lm.config import ConfigError
+    from lm.data.corpus import stdlib_files
+    from lm.data.prepare import prepare
+    from lm.data.tokenizer import load
+    data = str(tmp_path / "data")
+    prepare(stdlib_files()[:60], data, vocab_size=1000, val_fraction=0.1, progress=False)
+    run = small_run(**{"data.path": data, "model.vocab_size": 1024, "train.steps": 3,
+                       "train.eval_every": 3, "train.eval_batches": 1, "train.sample_tokens": 4,
+                       "train.progress": False, "mesh.data": 8})
+    state = train.train(run, str(tmp_path / "run"))
+    assert int(state["step"]) == 3
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3]
+    tok = load(str(tmp_path / "run" / "tokenizer.json"))
+    assert tok.vocab_size == 1000 and tok.decode(tok.encode("def f(): ✓")) == "def f(): ✓"
+    with pytest.raises(ConfigError, match="model.vocab_size' \\(512\\) is smaller"):
+        train.train(small_run(**{"data.path": data, "model.vocab_size": 512}),
+                    str(tmp_path / "run2"))
+    with pytest.raises(ConfigError, match="not a prepared data directory"):
+        train.train(small_run(**{"data.path": str(tmp_path)}), str(tmp_path / "run3"))
 
 
 def test_refuses_a_workdir_with_checkpoints(tmp_path):

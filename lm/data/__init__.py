@@ -1,6 +1,6 @@
-"""Data: tokenizers, the embedded corpus and the deterministic batch loader."""
-from lm.data.corpus import Corpus, load_corpus, stdlib_documents
-from lm.data.loader import Loader
-from lm.data.tokenizer import ByteTokenizer
+"""Data: tokenizers (`tokenizer`), parallel preparation into token shards (`prepare`), the
+prepared corpus on disk (`dataset`), the embedded corpus (`corpus`) and the loader (`loader`).
 
-__all__ = ["ByteTokenizer", "Corpus", "Loader", "load_corpus", "stdlib_documents"]
+Import the submodules directly; this package imports nothing, so that preparation workers
+(fresh processes) start without loading jax.
+"""

@@ -1,30 +1,23 @@
 """The embedded corpus: the running interpreter's own standard library sources.
 
 Every Python install carries ~30 MB of real, varied text (code, docstrings, comments), so the demo
-and the tests train on real data with no download. Documents are split into train and eval by a
-hash of their path, so the held-out set is stable across machines and runs.
+and the tests train on real data with no download. It goes through the same preparation as a
+user's corpus (`lm.data.prepare`, byte tokenizer), cached in the run's work directory; documents
+are files, held out for validation by a hash of their path, so the split is stable everywhere.
 """
 from __future__ import annotations
 
-import dataclasses
+import io
 import os
 import sysconfig
-import zlib
-from collections.abc import Iterator
 
-import numpy as np
-
-from lm.data.tokenizer import ByteTokenizer
+from lm.data.prepare import prepare
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
-def stdlib_documents() -> Iterator[tuple[str, bytes]]:
-    """(relative path, raw bytes) of each `.py` file of the standard library, in sorted order.
-
-    Raw bytes on purpose: a few of the test fixtures are deliberately not valid UTF-8, and the
-    byte tokenizer takes them as they are.
-    """
+def stdlib_files() -> list[str]:
+    """The `.py` files of the standard library, sorted."""
     root = sysconfig.get_paths()["stdlib"]
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -32,32 +25,13 @@ def stdlib_documents() -> Iterator[tuple[str, bytes]]:
         paths += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
     if not paths:
         raise FileNotFoundError(f"no .py files under the standard library at {root!r}")
-    for path in sorted(paths):
-        with open(path, "rb") as f:
-            data = f.read()
-        if data.strip():
-            yield os.path.relpath(path, root), data
+    return sorted(paths)
 
 
-@dataclasses.dataclass(frozen=True)
-class Corpus:
-    train: np.ndarray  # flat token ids, documents separated by eod
-    eval: np.ndarray
-    tokenizer: ByteTokenizer
-    num_documents: int
-
-
-def load_corpus(eval_percent: float = 2.0) -> Corpus:
-    """Tokenizes the stdlib and holds out ~`eval_percent`% of the documents for evaluation."""
-    tok = ByteTokenizer()
-    parts: dict[bool, list[np.ndarray]] = {True: [], False: []}
-    eod = np.array([tok.eod_id], np.uint16)
-    n = 0
-    for path, data in stdlib_documents():
-        held_out = zlib.crc32(path.encode()) % 10_000 < eval_percent * 100
-        parts[held_out] += [tok.encode(data), eod]
-        n += 1
-    if not parts[True] or not parts[False]:
-        raise ValueError(f"data.eval_percent={eval_percent} leaves an empty train or eval split")
-    return Corpus(train=np.concatenate(parts[False]), eval=np.concatenate(parts[True]),
-                  tokenizer=tok, num_documents=n)
+def prepare_stdlib(out: str, val_fraction: float = 0.02, workers: int | None = None,
+                   verbose: bool = False) -> str:
+    """Prepares the stdlib into `out` (a no-op when it already is); returns `out`."""
+    log = None if verbose else io.StringIO()
+    prepare(stdlib_files(), out, tokenizer="bytes", val_fraction=val_fraction, workers=workers,
+            progress=False, **({"log": log} if log else {}))
+    return out

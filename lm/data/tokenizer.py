@@ -1,24 +1,157 @@
-"""Byte-level tokenizer: ids 0-255 are bytes, then the special tokens.
+"""Tokenizers behind one small interface: `encode`, `encode_batch`, `decode`, `vocab_size`,
+`eod_id` (end of document), `pad_id`, `spec()` (what a manifest records) and `save(dir)`.
 
-Any byte string round-trips, so it needs no training and never meets an unknown character; the
-data issue adds trained BPE tokenizers behind the same interface (`encode`, `decode`,
-`vocab_size`, `eod_id`, `pad_id`).
+- `ByteTokenizer`: ids 0-255 are bytes, then eod and pad. Needs no training and round-trips any
+  text; the tests and the embedded corpus use it.
+- `BPETokenizer`: byte-level BPE from Hugging Face `tokenizers` (a Rust library: training a
+  32k vocabulary on a gigabyte takes minutes, `encode_batch_fast` skips offsets, and the
+  `tokenizer.json` it writes is the file every GPT-2 / Llama checkpoint on the Hub ships, so the
+  checkpoint-conversion issue can carry tokenizers over unchanged). sentencepiece would need its
+  own model format and a Python loop for the byte fallback.
+
+Nothing here imports jax: data-preparation workers load this module in fresh processes.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable
+
 import numpy as np
+
+EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
+# Names other tokenizers give the same roles (GPT-2, Llama 2, Llama 3, Gemma, BERT).
+EOD_NAMES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
+PAD_NAMES = (PAD_TOKEN, "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
+BPE_FILE = "tokenizer.json"
 
 
 class ByteTokenizer:
-    eod_id = 256  # end of document
+    eod_id = 256
     pad_id = 257
     vocab_size = 258
 
     def encode(self, text: str | bytes) -> np.ndarray:
         data = text.encode("utf-8") if isinstance(text, str) else text
-        return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
-        """Text for `ids`; special tokens are dropped, invalid UTF-8 becomes U+FFFD."""
+        """Text for `ids`; special and out-of-vocabulary ids are dropped, invalid UTF-8 becomes
+        U+FFFD."""
         ids = np.asarray(ids).reshape(-1)
-        return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
+        return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode(
+            "utf-8", errors="replace")
+
+    def spec(self) -> dict:
+        return {"kind": "bytes", "vocab_size": self.vocab_size, "eod_id": self.eod_id,
+                "pad_id": self.pad_id}
+
+    def save(self, directory: str) -> dict:
+        return self.spec()
+
+
+class BPETokenizer:
+    def __init__(self, tokenizer, path: str | None = None):
+        self.tokenizer, self.path = tokenizer, path
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eod_id = _find_token(tokenizer, EOD_NAMES, path, "end-of-document")
+        pad = [tokenizer.token_to_id(n) for n in PAD_NAMES if tokenizer.token_to_id(n) is not None]
+        self.pad_id = pad[0] if pad else self.eod_id
+        self._special = np.array(sorted({self.eod_id, self.pad_id}))
+
+    @classmethod
+    def from_file(cls, path: str) -> BPETokenizer:
+        from tokenizers import Tokenizer
+        try:
+            return cls(Tokenizer.from_file(path), path)
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception)
+            raise ValueError(f"cannot load tokenizer {path!r}: {e} (expected a Hugging Face "
+                             "tokenizer.json)") from None
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        return [np.array(e.ids, np.int32) for e in encodings]
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids).reshape(-1)
+        ids = ids[(ids >= 0) & (ids < self.vocab_size) & ~np.isin(ids, self._special)]
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+
+    def spec(self) -> dict:
+        return {"kind": "bpe", "file": BPE_FILE, "sha256": _sha256(self.path),
+                "vocab_size": self.vocab_size, "eod_id": self.eod_id, "pad_id": self.pad_id}
+
+    def save(self, directory: str) -> dict:
+        """Copies the tokenizer to `directory`/tokenizer.json; returns its spec there."""
+        dest = os.path.join(directory, BPE_FILE)
+        if self.path is None:
+            self.tokenizer.save(dest)
+        elif os.path.abspath(self.path) != os.path.abspath(dest):
+            shutil.copyfile(self.path, dest)
+        self.path = dest
+        return self.spec()
+
+
+Tokenizer = ByteTokenizer | BPETokenizer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """Trains a byte-level BPE (GPT-2 pre-tokenization, no prefix space, so decode(encode(t)) == t
+    for any text) with `vocab_size` entries including the eod and pad tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if vocab_size < len(byte_level.alphabet()) + 2:
+        raise ValueError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
+                         f"{len(byte_level.alphabet()) + 2} (256 bytes + eod + pad)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=byte_level.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return BPETokenizer(tok)
+
+
+def load(spec: str | dict, directory: str | None = None) -> Tokenizer:
+    """A tokenizer from 'bytes', a tokenizer.json path, or a manifest spec (files relative to
+    `directory`)."""
+    if isinstance(spec, dict):
+        if spec.get("kind") == "bytes":
+            return ByteTokenizer()
+        if spec.get("kind") != "bpe":
+            raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r} (expected 'bytes' or "
+                             "'bpe')")
+        path = os.path.join(directory or ".", spec["file"])
+        tok = BPETokenizer.from_file(path)
+        if spec.get("sha256") and tok.spec()["sha256"] != spec["sha256"]:
+            raise ValueError(f"tokenizer {path} does not match the checksum its manifest recorded: "
+                             "it was changed after the data was prepared")
+        return tok
+    if spec == "bytes":
+        return ByteTokenizer()
+    if not os.path.isfile(spec):
+        raise ValueError(f"tokenizer {spec!r} is neither 'bytes' nor an existing tokenizer.json")
+    return BPETokenizer.from_file(spec)
+
+
+def _find_token(tokenizer, names: tuple[str, ...], path: str | None, role: str) -> int:
+    for name in names:
+        if (i := tokenizer.token_to_id(name)) is not None:
+            return i
+    raise ValueError(f"tokenizer {path or '(trained)'} has no {role} token; expected one of "
+                     f"{list(names)}")
+
+
+def _sha256(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+

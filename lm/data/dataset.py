@@ -1,0 +1,91 @@
+"""A prepared corpus on disk (see `lm.data.prepare`): its manifest, tokenizer and memory-mapped
+token shards, one flat stream per split."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from lm.data import tokenizer as tokenizers
+from lm.data.prepare import FORMAT, MANIFEST, PLAN
+
+
+class TokenStream:
+    """The shards of one split as one virtual array of token ids (memory-mapped, read-only)."""
+
+    def __init__(self, paths: list[str], counts: list[int], dtype: str):
+        self.arrays = [np.memmap(p, dtype=dtype, mode="r", shape=(n,))
+                       for p, n in zip(paths, counts)]
+        self.offsets = np.cumsum([0] + list(counts))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """[len(starts), length] int32: the tokens at [s, s + length) for each start s."""
+        out = np.empty((len(starts), length), np.int32)
+        shard = np.searchsorted(self.offsets, starts, side="right") - 1
+        for i, (s, k) in enumerate(zip(starts, shard)):
+            local = int(s - self.offsets[k])
+            piece = self.arrays[k][local:local + length]
+            out[i, :len(piece)] = piece
+            filled = len(piece)
+            while filled < length:  # the window runs into the next shard(s)
+                k += 1
+                piece = self.arrays[k][:length - filled]
+                out[i, filled:filled + len(piece)] = piece
+                filled += len(piece)
+        return out
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = len(self) if stop is None else stop
+        return self.windows(np.array([start]), stop - start)[0]
+
+
+class Dataset:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        manifest_path = os.path.join(self.path, MANIFEST)
+        if not os.path.exists(manifest_path):
+            if os.path.exists(os.path.join(self.path, PLAN)):
+                raise ValueError(f"data directory {path} was not finished: re-run the same "
+                                 "`python -m lm.data.prepare` command to complete it")
+            raise ValueError(f"{path} is not a prepared data directory (no {MANIFEST}): create "
+                             "one with `python -m lm.data.prepare --input ... --out DIR`")
+        with open(manifest_path) as f:
+            self.manifest = json.load(f)
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{manifest_path} has format {self.manifest.get('format')!r}; this "
+                             f"version of lm reads {FORMAT!r}: prepare the data again")
+        self.fingerprint: str = self.manifest["fingerprint"]
+        self.dtype: str = self.manifest["dtype"]
+        self.tokenizer = tokenizers.load(self.manifest["tokenizer"], self.path)
+        itemsize = np.dtype(self.dtype).itemsize
+        for split in self.manifest["splits"].values():
+            for shard in split["shards"]:
+                p = os.path.join(self.path, shard["file"])
+                size = os.path.getsize(p) if os.path.exists(p) else None
+                if size != shard["tokens"] * itemsize:
+                    raise ValueError(f"shard {p} is {'missing' if size is None else f'{size} bytes'}"
+                                     f", the manifest says {shard['tokens'] * itemsize} bytes: the "
+                                     "data directory is damaged; prepare it again")
+
+    def num_tokens(self, split: str) -> int:
+        return self.manifest["splits"][split]["tokens"]
+
+    def split(self, name: str) -> TokenStream:
+        shards = self.manifest["splits"][name]["shards"]
+        return TokenStream([os.path.join(self.path, s["file"]) for s in shards],
+                           [s["tokens"] for s in shards], self.dtype)
+
+    def verify(self) -> None:
+        """Checks every shard against its manifest checksum (reads all the data)."""
+        for split in self.manifest["splits"].values():
+            for shard in split["shards"]:
+                p = os.path.join(self.path, shard["file"])
+                with open(p, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                if digest != shard["sha256"]:
+                    raise ValueError(f"shard {p} does not match its checksum in {MANIFEST}")

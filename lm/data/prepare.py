@@ -1,0 +1,581 @@
+"""`python -m lm.data.prepare --input PATH_OR_GLOB... --out DIR [--tokenizer FILE | --vocab-size N]
+[--workers N] [--val-fraction F] [--text-field NAME]`
+
+Turns text into token shards that the loader memory-maps:
+
+    DIR/manifest.json         shards, token and document counts, dtype, tokenizer, checksums,
+                              bad-input counts, the inputs and options (their fingerprint)
+    DIR/tokenizer.json        the BPE tokenizer (absent for the byte tokenizer)
+    DIR/{train,val}-NNNNN.bin flat little-endian uint16 (vocab <= 65,536) or uint32 token ids;
+                              every document is followed by the end-of-document id
+
+Inputs: plain text files (each file is one document), `.jsonl` / `.ndjson` (one JSON object per
+line, the document in `--text-field`), and `.gz` versions of both; directories are walked and
+globs expanded. The work is cut into units of whole lines (~1-64 MB of raw text, from the corpus
+size alone) that worker processes tokenize in parallel; unit i writes shard i, so the output
+does not depend on the number of workers. Documents go to the validation split by a hash of
+(file, byte offset), so the split is stable across runs and machines.
+
+Bad input never stops the run: invalid UTF-8 (replaced with U+FFFD), empty documents, malformed
+JSON lines and missing fields are counted in the manifest and reported on stderr with file and
+line. A file that cannot be read at all is an error before any work starts.
+
+Re-running: a finished DIR with the same inputs and options is left as it is; an unfinished one
+(killed mid-way) resumes from the units already written; anything else is refused, so two
+corpora are never mixed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import types
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+
+from lm.data import tokenizer as tokenizers
+
+FORMAT = "lm.tokens/1"
+MANIFEST, PLAN, UNITS = "manifest.json", "plan.json", "units"
+PROBLEMS = ("undecodable", "empty", "malformed_json", "missing_field")
+_JSONL = (".jsonl", ".ndjson")
+_MB = 1 << 20
+_ENCODE_CHUNK = _MB  # long documents are encoded in pieces of ~1 MB cut at line ends
+_SHOWN_PROBLEMS = 20
+
+
+class PrepareError(Exception):
+    """A problem with the command or its inputs that stops preparation before any damage."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of one input file (compressed files are always whole)."""
+    path: str
+    name: str  # path relative to the inputs' common directory: keys the split and the reports
+    jsonl: bool
+    gz: bool
+    start: int
+    end: int
+    size: int  # on disk
+
+
+@dataclasses.dataclass
+class Doc:
+    text: str
+    split: str
+    ends: bool  # the document ends in this piece (plain text files span pieces)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and units
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Files named by paths, directories (walked) and globs, in order, without duplicates."""
+    files: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise PrepareError(f"--input {pattern!r} matches no files")
+        elif os.path.isdir(pattern):
+            matches = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(pattern)
+                             for f in fs if not f.startswith("."))
+            if not matches:
+                raise PrepareError(f"--input {pattern!r} is a directory with no files")
+        elif os.path.exists(pattern):
+            matches = [pattern]
+        else:
+            raise PrepareError(f"--input {pattern!r} does not exist")
+        files += matches
+    seen, unique = set(), []
+    for f in files:
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            unique.append(real)
+    for f in unique:
+        if not os.path.isfile(f):
+            raise PrepareError(f"input {f} is not a regular file")
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(2)
+        except OSError as e:
+            raise PrepareError(f"input {f} cannot be read: {e.strerror}") from None
+        if f.endswith(".gz") and head and head != b"\x1f\x8b":
+            raise PrepareError(f"input {f} ends in .gz but is not gzip data")
+    return unique
+
+
+def default_unit_bytes(total: int) -> int:
+    """~256 units for the corpus, each 1-64 MB of raw text."""
+    return int(min(max(total // 256, _MB), 64 * _MB))
+
+
+def plan_units(files: list[str], unit_bytes: int) -> list[list[Piece]]:
+    """Groups small files and cuts large uncompressed ones at line ends into ~unit_bytes units."""
+    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    units: list[list[Piece]] = []
+    current: list[Piece] = []
+    current_bytes = 0
+    for path in files:
+        size = os.path.getsize(path)
+        base = path[:-3] if path.endswith(".gz") else path
+        piece = Piece(path, os.path.relpath(path, root), base.endswith(_JSONL),
+                      path.endswith(".gz"), 0, size, size)
+        if piece.gz or size <= unit_bytes:
+            current.append(piece)
+            current_bytes += size
+            if current_bytes >= unit_bytes:
+                units.append(current)
+                current, current_bytes = [], 0
+            continue
+        if current:
+            units.append(current)
+            current, current_bytes = [], 0
+        bounds = _line_boundaries(path, size, unit_bytes)
+        units += [[dataclasses.replace(piece, start=a, end=b)] for a, b in zip(bounds, bounds[1:])]
+    if current:
+        units.append(current)
+    return units
+
+
+def _line_boundaries(path: str, size: int, unit_bytes: int) -> list[int]:
+    bounds = [0]
+    with open(path, "rb") as f:
+        pos = unit_bytes
+        while pos < size:
+            f.seek(pos)
+            while (block := f.read(_MB)) and (i := block.find(b"\n")) < 0:
+                pos += len(block)
+            if not block:
+                break
+            pos += i + 1
+            if pos >= size:
+                break
+            bounds.append(pos)
+            pos += unit_bytes
+    return bounds + [size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading documents (workers, and the parent when it trains a tokenizer)
+
+
+def read_documents(piece: Piece, text_field: str, val_fraction: float, counts: Counter,
+                   problems: list[dict]) -> Iterator[Doc]:
+    """The documents of `piece`; bad input is counted in `counts` and described in `problems`
+    (line numbers relative to the piece's first line)."""
+    try:
+        if piece.gz:
+            with gzip.open(piece.path, "rb") as f:
+                data = f.read()
+        else:
+            with open(piece.path, "rb") as f:
+                f.seek(piece.start)
+                data = f.read(piece.end - piece.start)
+    except (OSError, EOFError, zlib.error) as e:
+        raise PrepareError(f"input {piece.path} cannot be read: {e}") from None
+    counts["bytes"] += len(data)
+
+    def problem(kind: str, line: int, message: str) -> None:
+        counts[kind] += 1
+        problems.append({"file": piece.name, "piece_start": piece.start, "line": line,
+                         "problem": kind, "message": message})
+
+    def split_of(offset: int) -> str:
+        key = zlib.crc32(f"{piece.name}:{offset}".encode())
+        return "val" if key < val_fraction * 2**32 else "train"
+
+    if not piece.jsonl:  # the whole file is one document
+        text = _decode(data, lambda pos, why: problem(
+            "undecodable", data.count(b"\n", 0, pos) + 1, why))
+        whole = piece.start == 0 and piece.end == piece.size
+        if whole and not text.strip():
+            problem("empty", 1, "empty document (skipped)")
+            return
+        yield Doc(text, split_of(0), ends=piece.end == piece.size or piece.gz)
+        return
+
+    offset = piece.start
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        line_offset, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
+        raw = _decode(line, lambda pos, why: problem("undecodable", lineno, why))
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            problem("malformed_json", lineno, f"malformed JSON: {e} (skipped)")
+            continue
+        text = obj.get(text_field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            what = "is not a string" if isinstance(obj, dict) and text_field in obj else "missing"
+            problem("missing_field", lineno, f"field {text_field!r} {what} (skipped)")
+            continue
+        if not text.strip():
+            problem("empty", lineno, "empty document (skipped)")
+            continue
+        yield Doc(text, split_of(line_offset), ends=True)
+
+
+def _decode(data: bytes, report) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report(e.start, f"invalid UTF-8 at byte {e.start} (replaced with U+FFFD)")
+        return data.decode("utf-8", errors="replace")
+
+
+def _encode_pieces(text: str) -> list[str]:
+    """Cuts a long text at line ends into ~1 MB pieces (bounded tokenizer memory)."""
+    if len(text) <= _ENCODE_CHUNK:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        cut = text.find("\n", start + _ENCODE_CHUNK)
+        cut = len(text) if cut < 0 else cut + 1
+        out.append(text[start:cut])
+        start = cut
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+
+_worker_tokenizer = None
+
+
+def _init_worker(spec: dict, directory: str, single_threaded: bool) -> None:
+    global _worker_tokenizer
+    if single_threaded:  # one process per core already; the Rust thread pool would oversubscribe
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = tokenizers.load(spec, directory)
+
+
+def _run_unit(task: tuple) -> dict:
+    index, unit, out, dtype, text_field, val_fraction = task
+    tok = _worker_tokenizer
+    counts: Counter = Counter()
+    problems: list[dict] = []
+    texts: dict[str, list[str]] = {"train": [], "val": []}
+    ends: dict[str, list[bool]] = {"train": [], "val": []}
+    docs = Counter()
+    for piece in unit:
+        for doc in read_documents(piece, text_field, val_fraction, counts, problems):
+            parts = _encode_pieces(doc.text)
+            texts[doc.split] += parts
+            ends[doc.split] += [False] * (len(parts) - 1) + [doc.ends]
+            docs[doc.split] += doc.ends
+    result = {"index": index, "bytes": counts["bytes"], "disk_bytes": sum(p.size if p.gz else
+              p.end - p.start for p in unit), "problems": {k: counts[k] for k in PROBLEMS},
+              "examples": problems[:_SHOWN_PROBLEMS], "shards": {}}
+    eod = np.array([tok.eod_id], np.int32)
+    for split in ("train", "val"):
+        if not texts[split]:
+            continue
+        parts = []
+        for ids, end in zip(tok.encode_batch(texts[split]), ends[split]):
+            parts += [ids, eod] if end else [ids]
+        tokens = np.concatenate(parts).astype(dtype)
+        name = f"{split}-{index:05d}.bin"
+        _write_atomic(os.path.join(out, name), tokens.tobytes())
+        result["shards"][split] = {"file": name, "tokens": int(tokens.size),
+                                   "documents": int(docs[split]),
+                                   "sha256": hashlib.sha256(tokens.data).hexdigest()}
+    return result
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def prepare(inputs: list[str], out: str, *, tokenizer: str | None = None,
+            vocab_size: int | None = None, workers: int | None = None,
+            val_fraction: float = 0.01, text_field: str = "text", unit_bytes: int | None = None,
+            tokenizer_sample_bytes: int = 1 << 30, progress: bool = True, log=sys.stderr) -> dict:
+    """Prepares `inputs` into `out`; returns the manifest. See the module docstring."""
+    if tokenizer is not None and vocab_size is not None:
+        raise PrepareError("give --tokenizer or --vocab-size, not both")
+    if not 0 <= val_fraction < 1:
+        raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    workers = workers or len(os.sched_getaffinity(0))
+    if workers < 1:
+        raise PrepareError(f"--workers must be >= 1, got {workers}")
+    start_time = time.perf_counter()
+    files = expand_inputs(inputs)
+    total = sum(os.path.getsize(f) for f in files)
+    unit_bytes = unit_bytes or default_unit_bytes(total)
+    units = plan_units(files, unit_bytes)
+
+    if vocab_size is not None:
+        tok_option: dict = {"train_vocab_size": vocab_size}
+    elif tokenizer in (None, "bytes"):
+        tok_option = {"kind": "bytes"}
+    else:
+        tok_option = tokenizers.load(tokenizer).spec()
+    plan = {"format": FORMAT,
+            "inputs": [{"path": f, "bytes": os.path.getsize(f),
+                        "mtime_ns": os.stat(f).st_mtime_ns} for f in files],
+            "options": {"tokenizer": tok_option, "val_fraction": val_fraction,
+                        "text_field": text_field, "unit_bytes": unit_bytes}}
+    plan["fingerprint"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+    done = _check_out_dir(out, plan, log)
+    if isinstance(done, dict):
+        return done  # already prepared
+    os.makedirs(os.path.join(out, UNITS), exist_ok=True)
+    _write_json(os.path.join(out, PLAN), plan)
+
+    tok = _resolve_tokenizer(out, tokenizer, vocab_size, units, text_field, val_fraction,
+                             tokenizer_sample_bytes, log)
+    spec = tok.save(out)
+    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    results = {r["index"]: r for r in done}
+    todo = [i for i in range(len(units)) if i not in results]
+    if results:
+        print(f"lm.data.prepare: resuming {out}: {len(results)} of {len(units)} units done",
+              file=log)
+    tasks = [(i, units[i], out, dtype, text_field, val_fraction) for i in todo]
+    todo_bytes = sum(p.size if p.gz else p.end - p.start for i in todo for p in units[i])
+    workers = min(workers, max(len(tasks), 1))
+    from tqdm import tqdm
+    bar = tqdm(total=todo_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+               desc="tokenizing", disable=not progress, file=log, dynamic_ncols=True)
+    init_args = (spec, out, workers > 1)
+    try:
+        for result in _map_units(tasks, workers, init_args):
+            _write_json(os.path.join(out, UNITS, f"{result['index']:05d}.json"), result)
+            results[result["index"]] = result
+            bar.update(result["disk_bytes"])
+    finally:
+        bar.close()
+
+    manifest = _manifest(plan, spec, dtype, [results[i] for i in range(len(units))], units)
+    manifest["seconds"] = round(time.perf_counter() - start_time, 3)
+    _report(manifest, log)
+    _write_json(os.path.join(out, MANIFEST), manifest)
+    shutil.rmtree(os.path.join(out, UNITS))
+    os.remove(os.path.join(out, PLAN))
+    return manifest
+
+
+def _map_units(tasks: list[tuple], workers: int, init_args: tuple) -> Iterator[dict]:
+    if workers == 1:
+        _init_worker(*init_args[:2], False)
+        yield from map(_run_unit, tasks)
+        return
+    # spawn, not fork: the parent may hold jax's or the tokenizer's threads. The workers need
+    # nothing from the caller's __main__, so hide it: they start without re-running the caller's
+    # script (no `if __name__ == "__main__"` guard needed) or importing what it imported.
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, init_args)
+    finally:
+        sys.modules["__main__"] = main
+    with pool:
+        yield from pool.imap_unordered(_run_unit, tasks)
+
+
+def _check_out_dir(out: str, plan: dict, log) -> dict | list[dict]:
+    """The finished manifest, or the unit results to resume from ([] for a fresh start)."""
+    if not os.path.exists(out):
+        return []
+    if not os.path.isdir(out):
+        raise PrepareError(f"--out {out} exists and is not a directory")
+    manifest_path, plan_path = os.path.join(out, MANIFEST), os.path.join(out, PLAN)
+    for path, state in ((manifest_path, "prepared"), (plan_path, "partly prepared")):
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("fingerprint") != plan["fingerprint"]:
+                raise PrepareError(
+                    f"--out {out} already holds a {state} corpus from different "
+                    f"{_difference(old, plan)}; refusing to mix two corpora: choose a new --out "
+                    "or delete it")
+            if state == "prepared":
+                print(f"lm.data.prepare: {out} is already prepared from these inputs "
+                      "(nothing to do)", file=log)
+                with open(manifest_path) as f:
+                    return json.load(f)
+            return _finished_units(out)
+    if os.listdir(out):
+        raise PrepareError(f"--out {out} is not empty and holds no {MANIFEST} or {PLAN}: "
+                           "choose a new or empty directory")
+    return []
+
+
+def _difference(old: dict, new: dict) -> str:
+    if old.get("format") != new["format"]:
+        return f"format {old.get('format')!r} (this is {new['format']!r})"
+    old_inputs = {i["path"]: i for i in old.get("inputs", [])}
+    new_inputs = {i["path"]: i for i in new["inputs"]}
+    if set(old_inputs) != set(new_inputs):
+        added, removed = set(new_inputs) - set(old_inputs), set(old_inputs) - set(new_inputs)
+        return f"inputs (added {sorted(added)[:3]}, removed {sorted(removed)[:3]})"
+    changed = [p for p in new_inputs if old_inputs[p] != new_inputs[p]]
+    if changed:
+        return f"inputs (changed since: {changed[:3]})"
+    keys = [k for k in new["options"] if old.get("options", {}).get(k) != new["options"][k]]
+    return f"options ({', '.join(keys) or 'unknown'})"
+
+
+def _finished_units(out: str) -> list[dict]:
+    """Unit results whose shards are all present and intact (others are redone)."""
+    done = []
+    for name in sorted(os.listdir(os.path.join(out, UNITS))):
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(out, UNITS, name)) as f:
+            result = json.load(f)
+        intact = True
+        for shard in result["shards"].values():
+            path = os.path.join(out, shard["file"])
+            intact &= os.path.exists(path) and _file_sha256(path) == shard["sha256"]
+        if intact:
+            done.append(result)
+    return done
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 * _MB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resolve_tokenizer(out, tokenizer, vocab_size, units, text_field, val_fraction, sample_bytes,
+                       log) -> tokenizers.Tokenizer:
+    if vocab_size is None:
+        return tokenizers.load(tokenizer or "bytes")
+    saved = os.path.join(out, tokenizers.BPE_FILE)
+    if os.path.exists(saved):  # resuming: the tokenizer trained by the first attempt
+        return tokenizers.BPETokenizer.from_file(saved)
+    print(f"lm.data.prepare: training a {vocab_size:,}-token byte-level BPE on up to "
+          f"{sample_bytes / _MB:,.0f} MB of the train split", file=log)
+
+    def texts() -> Iterator[str]:
+        seen = 0
+        for unit in units:
+            for piece in unit:
+                for doc in read_documents(piece, text_field, val_fraction, Counter(), []):
+                    if doc.split == "train":
+                        yield doc.text
+                        seen += len(doc.text)
+                        if seen >= sample_bytes:
+                            return
+
+    return tokenizers.train_bpe(texts(), vocab_size)
+
+
+def _manifest(plan: dict, spec: dict, dtype: str, results: list[dict],
+              units: list[list[Piece]]) -> dict:
+    splits = {s: {"tokens": 0, "documents": 0, "shards": []} for s in ("train", "val")}
+    for r in results:
+        for split, shard in r["shards"].items():
+            splits[split]["shards"].append(shard)
+            splits[split]["tokens"] += shard["tokens"]
+            splits[split]["documents"] += shard["documents"]
+    problems = {k: sum(r["problems"][k] for r in results) for k in PROBLEMS}
+    examples = []
+    line_cache: dict[tuple[str, int], int] = {}
+    for r in results:
+        unit = units[r["index"]]
+        for ex in r["examples"]:
+            piece = next(p for p in unit if p.name == ex["file"] and p.start == ex["piece_start"])
+            key = (piece.path, piece.start)
+            if key not in line_cache:
+                line_cache[key] = _lines_before(piece.path, piece.start)
+            examples.append({"file": piece.path, "line": line_cache[key] + ex["line"],
+                             "problem": ex["problem"], "message": ex["message"]})
+    return {"format": FORMAT, "fingerprint": plan["fingerprint"], "dtype": dtype,
+            "tokenizer": spec, "splits": splits, "raw_bytes": sum(r["bytes"] for r in results),
+            "problems": problems, "problem_examples": examples[:_SHOWN_PROBLEMS * 5],
+            "inputs": plan["inputs"], "options": plan["options"]}
+
+
+def _lines_before(path: str, offset: int) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while offset > 0 and (block := f.read(min(16 * _MB, offset))):
+            n += block.count(b"\n")
+            offset -= len(block)
+    return n
+
+
+def _report(manifest: dict, log) -> None:
+    for ex in manifest["problem_examples"][:_SHOWN_PROBLEMS]:
+        print(f"lm.data.prepare: warning: {ex['file']}:{ex['line']}: {ex['message']}", file=log)
+    problems = {k: v for k, v in manifest["problems"].items() if v}
+    if problems:
+        print(f"lm.data.prepare: bad input (counted in manifest.json): {problems}", file=log)
+    s = manifest["splits"]
+    mb = manifest["raw_bytes"] / 1e6
+    print(f"lm.data.prepare: {mb:,.1f} MB of text -> {s['train']['tokens']:,} train tokens "
+          f"({s['train']['documents']:,} documents), {s['val']['tokens']:,} validation tokens "
+          f"({s['val']['documents']:,} documents) in {manifest['seconds']:.1f} s "
+          f"({mb / max(manifest['seconds'], 1e-9):,.1f} MB/s)", file=log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lm.data.prepare",
+                                     description=__doc__.split("\n\n")[1])
+    parser.add_argument("--input", nargs="+", required=True, action="extend",
+                        help="files, directories or globs (.txt/.jsonl, optionally .gz)")
+    parser.add_argument("--out", required=True, help="output directory")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tokenizer", help="'bytes' (default) or a Hugging Face tokenizer.json")
+    group.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="share of documents held out for validation (default 0.01)")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument("--unit-mb", type=float, default=None,
+                        help="raw text per shard (default: corpus / 256, within 1-64 MB)")
+    parser.add_argument("--tokenizer-sample-mb", type=float, default=1024,
+                        help="text used to train the BPE (default 1024)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                workers=args.workers, val_fraction=args.val_fraction, text_field=args.text_field,
+                unit_bytes=int(args.unit_mb * _MB) if args.unit_mb else None,
+                tokenizer_sample_bytes=int(args.tokenizer_sample_mb * _MB),
+                progress=not args.no_progress)
+    except (PrepareError, ValueError) as e:
+        print(f"lm.data.prepare: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    # Run the importable copy of this module, so that the functions handed to worker processes
+    # are `lm.data.prepare._run_unit`, not `__main__._run_unit`.
+    from lm.data.prepare import main as _main
+    _main()
