@@ -125,6 +125,23 @@ def test_prepare_round_trips_and_counts(corpus_dir, tmp_path, tokenizer):
     assert data.tokenizer.vocab_size == (400 if tokenizer == "bpe" else 258)
 
 
+def test_large_files_are_split_and_streamed_into_one_document_each(tmp_path):
+    """A 3 MB text file is cut into several units at line ends, a 3 MB .gz is streamed in
+    blocks; each is still exactly one document, byte for byte."""
+    rng = np.random.default_rng(0)
+    words = np.array(["lorem", "ipsum", "δολορ", "sit", "amet", "😀", "\n", "\n\n", "  "])
+    big = " ".join(rng.choice(words, 600_000))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.txt").write_text(big, encoding="utf-8")
+    with gzip.open(tmp_path / "in" / "big2.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(big[::-1])
+    manifest = prep.prepare([str(tmp_path / "in")], str(tmp_path / "out"), vocab_size=320,
+                            workers=2, val_fraction=0.0, unit_bytes=1 << 20, progress=False)
+    assert len(manifest["splits"]["train"]["shards"]) >= 4
+    assert manifest["splits"]["train"]["documents"] == 2
+    assert sorted(documents(Dataset(str(tmp_path / "out")))) == sorted([big, big[::-1]])
+
+
 def test_prepare_output_does_not_depend_on_workers(corpus_dir, tmp_path):
     root, _ = corpus_dir
     shards = []

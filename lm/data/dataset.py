@@ -25,18 +25,20 @@ class TokenStream:
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """[len(starts), length] int32: the tokens at [s, s + length) for each start s."""
+        starts = np.asarray(starts, np.int64)
         out = np.empty((len(starts), length), np.int32)
         shard = np.searchsorted(self.offsets, starts, side="right") - 1
-        for i, (s, k) in enumerate(zip(starts, shard)):
-            local = int(s - self.offsets[k])
-            piece = self.arrays[k][local:local + length]
-            out[i, :len(piece)] = piece
-            filled = len(piece)
-            while filled < length:  # the window runs into the next shard(s)
-                k += 1
-                piece = self.arrays[k][:length - filled]
+        local = starts - self.offsets[shard]
+        inside = local + length <= self.offsets[shard + 1] - self.offsets[shard]
+        for k in np.unique(shard[inside]):  # one gather per shard for the usual windows
+            rows = np.flatnonzero(inside & (shard == k))
+            out[rows] = self.arrays[k][local[rows, None] + np.arange(length)]
+        for i in np.flatnonzero(~inside):  # windows that run into the next shard(s)
+            k, filled, begin = shard[i], 0, local[i]
+            while filled < length:
+                piece = self.arrays[k][begin:begin + length - filled]
                 out[i, filled:filled + len(piece)] = piece
-                filled += len(piece)
+                filled, k, begin = filled + len(piece), k + 1, 0
         return out
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:

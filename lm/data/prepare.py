@@ -53,6 +53,7 @@ _JSONL = (".jsonl", ".ndjson")
 _MB = 1 << 20
 _ENCODE_CHUNK = _MB  # long documents are encoded in pieces of ~1 MB cut at line ends
 _SHOWN_PROBLEMS = 20
+_FLUSH_CHARS = 8 * _MB  # a worker encodes and writes its shard in batches of this much text
 
 
 class PrepareError(Exception):
@@ -174,21 +175,35 @@ def _line_boundaries(path: str, size: int, unit_bytes: int) -> list[int]:
 # Reading documents (workers, and the parent when it trains a tokenizer)
 
 
-def read_documents(piece: Piece, text_field: str, val_fraction: float, counts: Counter,
-                   problems: list[dict]) -> Iterator[Doc]:
-    """The documents of `piece`; bad input is counted in `counts` and described in `problems`
-    (line numbers relative to the piece's first line)."""
+def _blocks(piece: Piece) -> Iterator[bytes]:
+    """The piece's bytes in ~1 MB blocks that end at a line end (streamed: a compressed file of
+    any size never sits in memory whole)."""
     try:
-        if piece.gz:
-            with gzip.open(piece.path, "rb") as f:
-                data = f.read()
-        else:
-            with open(piece.path, "rb") as f:
+        with (gzip.open if piece.gz else open)(piece.path, "rb") as f:
+            remaining = None if piece.gz else piece.end - piece.start
+            if not piece.gz:
                 f.seek(piece.start)
-                data = f.read(piece.end - piece.start)
+            carry = b""
+            while block := f.read(_MB if remaining is None else min(_MB, remaining)):
+                if remaining is not None:
+                    remaining -= len(block)
+                data = carry + block
+                cut = data.rfind(b"\n") + 1
+                if cut:
+                    yield data[:cut]
+                carry = data[cut:]
+            if carry:
+                yield carry
     except (OSError, EOFError, zlib.error) as e:
         raise PrepareError(f"input {piece.path} cannot be read: {e}") from None
-    counts["bytes"] += len(data)
+
+
+def read_documents(piece: Piece, text_field: str, val_fraction: float, counts: Counter,
+                   problems: list[dict]) -> Iterator[Doc]:
+    """The documents of `piece` (a plain-text document comes in ~1 MB parts, the last with
+    `ends`); bad input is counted in `counts` and described in `problems` (line numbers relative
+    to the piece's first line)."""
+    lines_before = 0  # in the piece, before the current block
 
     def problem(kind: str, line: int, message: str) -> None:
         counts[kind] += 1
@@ -200,35 +215,51 @@ def read_documents(piece: Piece, text_field: str, val_fraction: float, counts: C
         return "val" if key < val_fraction * 2**32 else "train"
 
     if not piece.jsonl:  # the whole file is one document
-        text = _decode(data, lambda pos, why: problem(
-            "undecodable", data.count(b"\n", 0, pos) + 1, why))
-        whole = piece.start == 0 and piece.end == piece.size
-        if whole and not text.strip():
+        split, pending, seen_text = split_of(0), [], False
+        for block in _blocks(piece):
+            counts["bytes"] += len(block)
+            text = _decode(block, lambda pos, why: problem(
+                "undecodable", lines_before + block.count(b"\n", 0, pos) + 1, why))
+            lines_before += block.count(b"\n")
+            seen_text |= bool(text.strip())
+            if seen_text:  # hold whitespace back until the document proves non-empty
+                yield from (Doc(t, split, ends=False) for t in pending)
+                pending = []
+            pending.append(text)
+        if not seen_text and piece.start == 0 and piece.end == piece.size:
             problem("empty", 1, "empty document (skipped)")
             return
-        yield Doc(text, split_of(0), ends=piece.end == piece.size or piece.gz)
+        for i, text in enumerate(pending):
+            yield Doc(text, split, ends=i == len(pending) - 1 and piece.end == piece.size)
         return
 
     offset = piece.start
-    for lineno, line in enumerate(data.split(b"\n"), 1):
-        line_offset, offset = offset, offset + len(line) + 1
-        if not line.strip():
-            continue
-        raw = _decode(line, lambda pos, why: problem("undecodable", lineno, why))
-        try:
-            obj = json.loads(raw)
-        except ValueError as e:
-            problem("malformed_json", lineno, f"malformed JSON: {e} (skipped)")
-            continue
-        text = obj.get(text_field) if isinstance(obj, dict) else None
-        if not isinstance(text, str):
-            what = "is not a string" if isinstance(obj, dict) and text_field in obj else "missing"
-            problem("missing_field", lineno, f"field {text_field!r} {what} (skipped)")
-            continue
-        if not text.strip():
-            problem("empty", lineno, "empty document (skipped)")
-            continue
-        yield Doc(text, split_of(line_offset), ends=True)
+    for block in _blocks(piece):
+        counts["bytes"] += len(block)
+        lines = block.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        for lineno, line in enumerate(lines, lines_before + 1):
+            line_offset, offset = offset, offset + len(line) + 1
+            if not line.strip():
+                continue
+            raw = _decode(line, lambda pos, why: problem("undecodable", lineno, why))
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                problem("malformed_json", lineno, f"malformed JSON: {e} (skipped)")
+                continue
+            text = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                what = "is not a string" if isinstance(obj, dict) and text_field in obj else \
+                    "missing"
+                problem("missing_field", lineno, f"field {text_field!r} {what} (skipped)")
+                continue
+            if not text.strip():
+                problem("empty", lineno, "empty document (skipped)")
+                continue
+            yield Doc(text, split_of(line_offset), ends=True)
+        lines_before += len(lines)
 
 
 def _decode(data: bytes, report) -> str:
@@ -265,37 +296,66 @@ def _init_worker(spec: dict, directory: str, single_threaded: bool) -> None:
     _worker_tokenizer = tokenizers.load(spec, directory)
 
 
+class _ShardWriter:
+    """Appends token ids to `name` (under a temporary name until `finish`), hashing as it goes."""
+
+    def __init__(self, out: str, name: str, dtype: str):
+        self.path, self.name, self.dtype = os.path.join(out, name), name, dtype
+        self.file, self.hash, self.tokens, self.documents = None, hashlib.sha256(), 0, 0
+        self.texts: list[str] = []
+        self.ends: list[bool] = []
+        self.chars = 0
+
+    def add(self, doc: Doc, tok) -> None:
+        parts = _encode_pieces(doc.text)
+        self.texts += parts
+        self.ends += [False] * (len(parts) - 1) + [doc.ends]
+        self.documents += doc.ends
+        self.chars += len(doc.text)
+        if self.chars >= _FLUSH_CHARS:
+            self.flush(tok)
+
+    def flush(self, tok) -> None:
+        if not self.texts:
+            return
+        eod = np.array([tok.eod_id], np.int32)
+        parts = []
+        for ids, end in zip(tok.encode_batch(self.texts), self.ends):
+            parts += [ids, eod] if end else [ids]
+        data = np.concatenate(parts).astype(self.dtype)
+        if self.file is None:
+            self.file = open(f"{self.path}.tmp{os.getpid()}", "wb")
+        self.file.write(data.data)
+        self.hash.update(data.data)
+        self.tokens += data.size
+        self.texts, self.ends, self.chars = [], [], 0
+
+    def finish(self, tok) -> dict | None:
+        self.flush(tok)
+        if self.file is None:
+            return None
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.file.name, self.path)
+        return {"file": self.name, "tokens": int(self.tokens), "documents": int(self.documents),
+                "sha256": self.hash.hexdigest()}
+
+
 def _run_unit(task: tuple) -> dict:
     index, unit, out, dtype, text_field, val_fraction = task
     tok = _worker_tokenizer
     counts: Counter = Counter()
     problems: list[dict] = []
-    texts: dict[str, list[str]] = {"train": [], "val": []}
-    ends: dict[str, list[bool]] = {"train": [], "val": []}
-    docs = Counter()
+    writers = {s: _ShardWriter(out, f"{s}-{index:05d}.bin", dtype) for s in ("train", "val")}
     for piece in unit:
         for doc in read_documents(piece, text_field, val_fraction, counts, problems):
-            parts = _encode_pieces(doc.text)
-            texts[doc.split] += parts
-            ends[doc.split] += [False] * (len(parts) - 1) + [doc.ends]
-            docs[doc.split] += doc.ends
-    result = {"index": index, "bytes": counts["bytes"], "disk_bytes": sum(p.size if p.gz else
-              p.end - p.start for p in unit), "problems": {k: counts[k] for k in PROBLEMS},
-              "examples": problems[:_SHOWN_PROBLEMS], "shards": {}}
-    eod = np.array([tok.eod_id], np.int32)
-    for split in ("train", "val"):
-        if not texts[split]:
-            continue
-        parts = []
-        for ids, end in zip(tok.encode_batch(texts[split]), ends[split]):
-            parts += [ids, eod] if end else [ids]
-        tokens = np.concatenate(parts).astype(dtype)
-        name = f"{split}-{index:05d}.bin"
-        _write_atomic(os.path.join(out, name), tokens.tobytes())
-        result["shards"][split] = {"file": name, "tokens": int(tokens.size),
-                                   "documents": int(docs[split]),
-                                   "sha256": hashlib.sha256(tokens.data).hexdigest()}
-    return result
+            writers[doc.split].add(doc, tok)
+    shards = {s: w.finish(tok) for s, w in writers.items()}
+    return {"index": index, "bytes": counts["bytes"],
+            "disk_bytes": sum(p.size if p.gz else p.end - p.start for p in unit),
+            "problems": {k: counts[k] for k in PROBLEMS}, "examples": problems[:_SHOWN_PROBLEMS],
+            "shards": {s: shard for s, shard in shards.items() if shard}}
 
 
 def _write_atomic(path: str, data: bytes) -> None:
