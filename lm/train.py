@@ -9,6 +9,7 @@ progress bar; the final state to DIR/checkpoints (orbax); a generated sample end
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from lm.config import ConfigError, RunConfig, from_config_dict
 from lm.data.corpus import prepare_stdlib
 from lm.data.dataset import Dataset
 from lm.data.loader import Loader, LoaderState
+from lm.data.tokenizer import DATA_FILE
 from lm.model import Transformer
 from lm.optim import make_optimizer, schedule
 from lm.tracking import Tracker
@@ -115,9 +117,11 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
                            shuffle=False)
     except ValueError as e:
         raise ConfigError(f"data {dataset.path}: {e}") from None
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # generation and serving find the tokenizer in the workdir
         os.makedirs(workdir, exist_ok=True)
-        tokenizer.save(workdir)  # generation and serving read it from the workdir
+        with open(os.path.join(workdir, DATA_FILE), "w") as f:
+            json.dump({"path": dataset.path, "fingerprint": dataset.fingerprint,
+                       "tokenizer": tokenizer.save(workdir)}, f, indent=1)
 
     tracker = Tracker(workdir, t.steps, progress=t.progress)
     tracker.log_hparams(run.to_dict(), workdir)

@@ -185,6 +185,11 @@ def test_prepare_resumes_after_a_crash_and_refuses_another_corpus(corpus_dir, tm
         prep.prepare([str(root / "txt")], out, unit_bytes=512, progress=False)
     with pytest.raises(prep.PrepareError, match=r"options \(val_fraction\)"):
         prep.prepare([str(root)], out, unit_bytes=512, val_fraction=0.5, progress=False)
+    with open(os.path.join(out, ".lock")) as held:  # another prepare is running there
+        import fcntl
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(prep.PrepareError, match="another lm.data.prepare is writing"):
+            prep.prepare([str(root)], out, workers=1, unit_bytes=512, progress=False)
     with pytest.raises(prep.PrepareError, match="not empty"):
         prep.prepare([str(root)], str(root / "txt"), progress=False)
     Dataset(out).verify()

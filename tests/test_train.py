@@ -58,6 +58,8 @@ def test_pulse(tmp_path, variant):
     manifest = json.loads((workdir / "data" / "stdlib" / "manifest.json").read_text())
     assert manifest["tokenizer"]["kind"] == "bytes" and saved[0]["fingerprint"] == \
         manifest["fingerprint"]
+    from lm.data.tokenizer import ByteTokenizer, from_workdir
+    assert isinstance(from_workdir(str(workdir)), ByteTokenizer)
 
 
 def restore_final(workdir, variant):
@@ -90,7 +92,7 @@ def test_trains_on_a_prepared_bpe_corpus(tmp_path):
     from lm.config import ConfigError
     from lm.data.corpus import stdlib_files
     from lm.data.prepare import prepare
-    from lm.data.tokenizer import load
+    from lm.data.tokenizer import BPETokenizer, from_workdir
     data = str(tmp_path / "data")
     prepare(stdlib_files()[:60], data, vocab_size=1000, val_fraction=0.1, progress=False)
     run = small_run(**{"data.path": data, "model.vocab_size": 1024, "train.steps": 3,
@@ -100,8 +102,8 @@ def test_trains_on_a_prepared_bpe_corpus(tmp_path):
     assert int(state["step"]) == 3
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [3]
-    tok = load(str(tmp_path / "run" / "tokenizer.json"))
-    assert tok.vocab_size == 1000 and tok.decode(tok.encode("def f(): ✓")) == "def f(): ✓"
+    tok = from_workdir(str(tmp_path / "run"))
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 1000 and tok.decode(tok.encode("def f(): ✓")) == "def f(): ✓"
     with pytest.raises(ConfigError, match="model.vocab_size' \\(512\\) is smaller"):
         train.train(small_run(**{"data.path": data, "model.vocab_size": 512}),
                     str(tmp_path / "run2"))

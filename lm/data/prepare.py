@@ -27,7 +27,9 @@ corpora are never mixed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -47,7 +49,7 @@ import numpy as np
 from lm.data import tokenizer as tokenizers
 
 FORMAT = "lm.tokens/1"
-MANIFEST, PLAN, UNITS = "manifest.json", "plan.json", "units"
+MANIFEST, PLAN, UNITS, LOCK = "manifest.json", "plan.json", "units", ".lock"
 PROBLEMS = ("undecodable", "empty", "malformed_json", "missing_field")
 _JSONL = (".jsonl", ".ndjson")
 _MB = 1 << 20
@@ -406,43 +408,59 @@ def prepare(inputs: list[str], out: str, *, tokenizer: str | None = None,
                         "text_field": text_field, "unit_bytes": unit_bytes}}
     plan["fingerprint"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
-    done = _check_out_dir(out, plan, log)
-    if isinstance(done, dict):
-        return done  # already prepared
-    os.makedirs(os.path.join(out, UNITS), exist_ok=True)
-    _write_json(os.path.join(out, PLAN), plan)
+    with _exclusive(out):
+        done = _check_out_dir(out, plan, log)
+        if isinstance(done, dict):
+            return done  # already prepared
+        os.makedirs(os.path.join(out, UNITS), exist_ok=True)
+        _write_json(os.path.join(out, PLAN), plan)
 
-    tok = _resolve_tokenizer(out, tokenizer, vocab_size, units, text_field, val_fraction,
-                             tokenizer_sample_bytes, log)
-    spec = tok.save(out)
-    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-    results = {r["index"]: r for r in done}
-    todo = [i for i in range(len(units)) if i not in results]
-    if results:
-        print(f"lm.data.prepare: resuming {out}: {len(results)} of {len(units)} units done",
-              file=log)
-    tasks = [(i, units[i], out, dtype, text_field, val_fraction) for i in todo]
-    todo_bytes = sum(p.size if p.gz else p.end - p.start for i in todo for p in units[i])
-    workers = min(workers, max(len(tasks), 1))
-    from tqdm import tqdm
-    bar = tqdm(total=todo_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-               desc="tokenizing", disable=not progress, file=log, dynamic_ncols=True)
-    init_args = (spec, out, workers > 1)
-    try:
-        for result in _map_units(tasks, workers, init_args):
-            _write_json(os.path.join(out, UNITS, f"{result['index']:05d}.json"), result)
-            results[result["index"]] = result
-            bar.update(result["disk_bytes"])
-    finally:
-        bar.close()
+        tok = _resolve_tokenizer(out, tokenizer, vocab_size, units, text_field, val_fraction,
+                                 tokenizer_sample_bytes, log)
+        spec = tok.save(out)
+        dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+        results = {r["index"]: r for r in done}
+        todo = [i for i in range(len(units)) if i not in results]
+        if results:
+            print(f"lm.data.prepare: resuming {out}: {len(results)} of {len(units)} units done",
+                  file=log)
+        tasks = [(i, units[i], out, dtype, text_field, val_fraction) for i in todo]
+        todo_bytes = sum(p.size if p.gz else p.end - p.start for i in todo for p in units[i])
+        workers = min(workers, max(len(tasks), 1))
+        from tqdm import tqdm
+        bar = tqdm(total=todo_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc="tokenizing", disable=not progress, file=log, dynamic_ncols=True)
+        init_args = (spec, out, workers > 1)
+        try:
+            for result in _map_units(tasks, workers, init_args):
+                _write_json(os.path.join(out, UNITS, f"{result['index']:05d}.json"), result)
+                results[result["index"]] = result
+                bar.update(result["disk_bytes"])
+        finally:
+            bar.close()
 
-    manifest = _manifest(plan, spec, dtype, [results[i] for i in range(len(units))], units)
-    manifest["seconds"] = round(time.perf_counter() - start_time, 3)
-    _report(manifest, log)
-    _write_json(os.path.join(out, MANIFEST), manifest)
-    shutil.rmtree(os.path.join(out, UNITS))
-    os.remove(os.path.join(out, PLAN))
-    return manifest
+        manifest = _manifest(plan, spec, dtype, [results[i] for i in range(len(units))], units)
+        manifest["seconds"] = round(time.perf_counter() - start_time, 3)
+        _report(manifest, log)
+        _write_json(os.path.join(out, MANIFEST), manifest)
+        shutil.rmtree(os.path.join(out, UNITS))
+        os.remove(os.path.join(out, PLAN))
+        return manifest
+
+
+@contextlib.contextmanager
+def _exclusive(out: str) -> Iterator[None]:
+    """Holds an exclusive lock on `out` (flock: reliable on local disks, best effort on NFS)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out {out} exists and is not a directory")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, LOCK), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepareError(f"another lm.data.prepare is writing to {out} right now; wait for "
+                               "it, or choose another --out") from None
+        yield
 
 
 def _map_units(tasks: list[tuple], workers: int, init_args: tuple) -> Iterator[dict]:
@@ -465,10 +483,6 @@ def _map_units(tasks: list[tuple], workers: int, init_args: tuple) -> Iterator[d
 
 def _check_out_dir(out: str, plan: dict, log) -> dict | list[dict]:
     """The finished manifest, or the unit results to resume from ([] for a fresh start)."""
-    if not os.path.exists(out):
-        return []
-    if not os.path.isdir(out):
-        raise PrepareError(f"--out {out} exists and is not a directory")
     manifest_path, plan_path = os.path.join(out, MANIFEST), os.path.join(out, PLAN)
     for path, state in ((manifest_path, "prepared"), (plan_path, "partly prepared")):
         if os.path.exists(path):
@@ -485,7 +499,7 @@ def _check_out_dir(out: str, plan: dict, log) -> dict | list[dict]:
                 with open(manifest_path) as f:
                     return json.load(f)
             return _finished_units(out)
-    if os.listdir(out):
+    if set(os.listdir(out)) - {LOCK}:
         raise PrepareError(f"--out {out} is not empty and holds no {MANIFEST} or {PLAN}: "
                            "choose a new or empty directory")
     return []

@@ -14,6 +14,7 @@ Nothing here imports jax: data-preparation workers load this module in fresh pro
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -25,6 +26,7 @@ EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 EOD_NAMES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
 PAD_NAMES = (PAD_TOKEN, "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
 BPE_FILE = "tokenizer.json"
+DATA_FILE = "data.json"  # in a training workdir: the data it trained on and its tokenizer
 
 
 class ByteTokenizer:
@@ -139,6 +141,15 @@ def load(spec: str | dict, directory: str | None = None) -> Tokenizer:
     if not os.path.isfile(spec):
         raise ValueError(f"tokenizer {spec!r} is neither 'bytes' nor an existing tokenizer.json")
     return BPETokenizer.from_file(spec)
+
+
+def from_workdir(workdir: str) -> Tokenizer:
+    """The tokenizer a training run in `workdir` used (recorded by `lm.train`)."""
+    path = os.path.join(workdir, DATA_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{workdir} has no {DATA_FILE}: it is not a training workdir of lm.train")
+    with open(path) as f:
+        return load(json.load(f)["tokenizer"], workdir)
 
 
 def _find_token(tokenizer, names: tuple[str, ...], path: str | None, role: str) -> int:
