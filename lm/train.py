@@ -125,6 +125,11 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
 
     tracker = Tracker(workdir, t.steps, progress=t.progress)
     tracker.log_hparams(run.to_dict(), workdir)
+    eval_batches = min(t.eval_batches, eval_data.num_sequences // t.batch_size)
+    if eval_batches < t.eval_batches:  # rather than averaging the same batches twice
+        tracker.write(f"note: the validation split holds {eval_batches} batches of "
+                      f"{t.batch_size} x {t.seq_len}; evaluating on those, not "
+                      f"train.eval_batches={t.eval_batches}")
     ckpt = Checkpointer(workdir, keep=run.checkpoint.keep)
     lr = schedule(run.optim, t.steps)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
@@ -153,7 +158,7 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
             if step % t.eval_every == 0 or step == t.steps:
                 losses = [trainer.eval_step(state["params"],
                                             eval_data.batch_at(LoaderState(0, i * t.batch_size)))
-                          for i in range(t.eval_batches)]
+                          for i in range(eval_batches)]
                 eval_loss = float(np.mean(jax.device_get(losses)))
                 tracker.log(step, {"eval_loss": eval_loss})
                 tracker.write(f"step {step}: eval_loss {eval_loss:.4f}")

@@ -70,7 +70,10 @@ def write_corpus(root) -> list[str]:
     lines[9] = json.dumps({"body": "no text field"})     # missing field (line 10)
     lines[13] = json.dumps({"text": 42})                 # not a string (line 14)
     lines[17] = json.dumps({"text": ""})                 # empty (line 18)
-    jsonl_good = [t for i, t in enumerate(jsonl_good) if i not in (5, 9, 13, 17)]
+    lines[21] = '{"text": "half \\ud83d emoji"}'         # lone surrogate (line 22), kept
+    jsonl_good[21] = "half \ud83d emoji".encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    lines[25] = "[" * 100_000                            # nested too deeply (line 26)
+    jsonl_good = [t for i, t in enumerate(jsonl_good) if i not in (5, 9, 13, 17, 25)]
     (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with gzip.open(root / "more.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(json.dumps({"text": f"gz {t}"}) for t in TEXTS) + "\n")
@@ -106,13 +109,14 @@ def test_prepare_round_trips_and_counts(corpus_dir, tmp_path, tokenizer):
     data = Dataset(str(tmp_path / "out"))
     data.verify()
     assert sorted(documents(data)) == sorted(expected)
-    assert manifest["problems"] == {"undecodable": 1, "empty": 2, "malformed_json": 1,
+    assert manifest["problems"] == {"undecodable": 2, "empty": 2, "malformed_json": 2,
                                     "missing_field": 2}
     where = {(os.path.basename(e["file"]), e["line"], e["problem"])
              for e in manifest["problem_examples"]}
     assert where == {("latin1.txt", 1, "undecodable"), ("empty.txt", 1, "empty"),
                      ("docs.jsonl", 6, "malformed_json"), ("docs.jsonl", 10, "missing_field"),
-                     ("docs.jsonl", 14, "missing_field"), ("docs.jsonl", 18, "empty")}
+                     ("docs.jsonl", 14, "missing_field"), ("docs.jsonl", 18, "empty"),
+                     ("docs.jsonl", 22, "undecodable"), ("docs.jsonl", 26, "malformed_json")}
     assert manifest["dtype"] == "uint16"
     for split in ("train", "val"):
         s = manifest["splits"][split]
@@ -131,15 +135,21 @@ def test_large_files_are_split_and_streamed_into_one_document_each(tmp_path):
     rng = np.random.default_rng(0)
     words = np.array(["lorem", "ipsum", "δολορ", "sit", "amet", "😀", "\n", "\n\n", "  "])
     big = " ".join(rng.choice(words, 600_000))
+    one_line = " ".join(rng.choice(words[:6], 500_000))  # 3 MB, no line end to cut at
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "big.txt").write_text(big, encoding="utf-8")
+    (tmp_path / "in" / "one_line.txt").write_text(one_line, encoding="utf-8")
     with gzip.open(tmp_path / "in" / "big2.txt.gz", "wt", encoding="utf-8") as f:
         f.write(big[::-1])
-    manifest = prep.prepare([str(tmp_path / "in")], str(tmp_path / "out"), vocab_size=320,
-                            workers=2, val_fraction=0.0, unit_bytes=1 << 20, progress=False)
+    out = str(tmp_path / "in" / "prepared")  # the output may sit inside an input directory
+    manifest = prep.prepare([str(tmp_path / "in")], out, vocab_size=320, workers=2,
+                            val_fraction=0.0, unit_bytes=1 << 20, progress=False)
     assert len(manifest["splits"]["train"]["shards"]) >= 4
-    assert manifest["splits"]["train"]["documents"] == 2
-    assert sorted(documents(Dataset(str(tmp_path / "out")))) == sorted([big, big[::-1]])
+    assert manifest["splits"]["train"]["documents"] == 3
+    assert sorted(documents(Dataset(out))) == sorted([big, big[::-1], one_line])
+    again = prep.prepare([str(tmp_path / "in")], out, vocab_size=320, workers=2,
+                         val_fraction=0.0, unit_bytes=1 << 20, progress=False)
+    assert again["fingerprint"] == manifest["fingerprint"]  # its own shards are not inputs
 
 
 def test_prepare_output_does_not_depend_on_workers(corpus_dir, tmp_path):
@@ -269,7 +279,7 @@ def test_batches_are_packed_windows_of_the_stream(stream):
     for r in range(8):
         start = (16 + r) * 32
         np.testing.assert_array_equal(batch[r], flat[start:start + 33])
-    assert len(stream.arrays) > 1  # windows crossing shard boundaries are covered too
+    assert len(stream.paths) > 1  # windows crossing shard boundaries are covered too
 
 
 def test_one_epoch_visits_every_sequence_once_then_reshuffles(stream):
@@ -304,6 +314,31 @@ def test_resume_from_saved_state_reproduces_the_next_batches(stream, prefetch):
         Loader(stream, 8, 32, seed=7).load_state_dict(saved)
 
 
+def test_a_read_error_reaches_the_consumer_and_close_does_not_hang(stream):
+    class Failing:
+        def __init__(self):
+            self.calls = 0
+
+        def __len__(self):
+            return len(stream)
+
+        def windows(self, starts, length):
+            self.calls += 1
+            if self.calls > 3:
+                raise OSError("disk went away")
+            return stream.windows(starts, length)
+
+    loader = Loader(Failing(), 4, 16, seed=0, prefetch=2)
+    next(loader)  # the producer fills the queue, then fails with the queue full
+    import time
+    time.sleep(0.3)
+    loader.close()  # must return
+    loader = Loader(Failing(), 4, 16, seed=0, prefetch=2)
+    with pytest.raises(OSError, match="disk went away"):
+        for _ in range(5):
+            next(loader)
+
+
 def test_global_batch_does_not_depend_on_the_mesh(stream):
     batches = []
     for axes in (None, dict(data=8), dict(data=2, fsdp=2, tensor=2), dict(data=2, fsdp=4)):
@@ -325,7 +360,7 @@ def test_two_processes_read_disjoint_rows_of_the_same_batches(stream, tmp_path, 
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    data_dir = os.path.dirname(stream.arrays[0].filename)
+    data_dir = os.path.dirname(stream.paths[0])
     env = {**os.environ, "PYTHONPATH": root, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "multihost_loader.py"),
                                str(i), str(port), data_dir, str(tmp_path)], env=env,

@@ -2,9 +2,11 @@
 token shards, one flat stream per split."""
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import threading
 
 import numpy as np
 
@@ -15,10 +17,26 @@ from lm.data.prepare import FORMAT, MANIFEST, PLAN
 class TokenStream:
     """The shards of one split as one virtual array of token ids (memory-mapped, read-only)."""
 
+    MAX_OPEN = 256  # memory maps held open at once (each holds a file descriptor)
+
     def __init__(self, paths: list[str], counts: list[int], dtype: str):
-        self.arrays = [np.memmap(p, dtype=dtype, mode="r", shape=(n,))
-                       for p, n in zip(paths, counts)]
+        self.paths, self.counts, self.dtype = paths, counts, dtype
         self.offsets = np.cumsum([0] + list(counts))
+        self._open: collections.OrderedDict[int, np.memmap] = collections.OrderedDict()
+        self._lock = threading.Lock()  # the prefetch thread and the caller may both read
+
+    def shard(self, k: int) -> np.memmap:
+        """Shard k, memory-mapped on first use; the least recently used are closed past
+        MAX_OPEN, so a corpus of any number of shards stays within the descriptor limit."""
+        with self._lock:
+            if k in self._open:
+                self._open.move_to_end(k)
+            else:
+                self._open[k] = np.memmap(self.paths[k], dtype=self.dtype, mode="r",
+                                          shape=(self.counts[k],))
+                if len(self._open) > self.MAX_OPEN:
+                    self._open.popitem(last=False)
+            return self._open[k]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -32,11 +50,11 @@ class TokenStream:
         inside = local + length <= self.offsets[shard + 1] - self.offsets[shard]
         for k in np.unique(shard[inside]):  # one gather per shard for the usual windows
             rows = np.flatnonzero(inside & (shard == k))
-            out[rows] = self.arrays[k][local[rows, None] + np.arange(length)]
+            out[rows] = self.shard(k)[local[rows, None] + np.arange(length)]
         for i in np.flatnonzero(~inside):  # windows that run into the next shard(s)
             k, filled, begin = shard[i], 0, local[i]
             while filled < length:
-                piece = self.arrays[k][begin:begin + length - filled]
+                piece = self.shard(k)[begin:begin + length - filled]
                 out[i, filled:filled + len(piece)] = piece
                 filled, k, begin = filled + len(piece), k + 1, 0
         return out

@@ -142,15 +142,19 @@ class Loader:
         try:
             while not self._stop.is_set():
                 item = (self.next_state(state), self.batch_at(state))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
+                self._put(item)
                 state = item[0]
         except BaseException as e:  # noqa: BLE001  (handed to the consumer)
-            self._queue.put(e)
+            self._put(e)
+
+    def _put(self, item) -> None:
+        """Queues `item`, giving up when `close()` asks (never blocks it)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
 
     def close(self) -> None:
         """Stops the prefetch thread; the next batch is the one after the last returned."""

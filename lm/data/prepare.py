@@ -27,6 +27,7 @@ corpora are never mixed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -85,8 +86,9 @@ class Doc:
 # Inputs and units
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files named by paths, directories (walked) and globs, in order, without duplicates."""
+def expand_inputs(patterns: list[str], exclude: str | None = None) -> list[str]:
+    """Files named by paths, directories (walked) and globs, in order, without duplicates and
+    without anything under `exclude` (the output directory, when it sits among the inputs)."""
     files: list[str] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -104,8 +106,11 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             raise PrepareError(f"--input {pattern!r} does not exist")
         files += matches
     seen, unique = set(), []
+    skip = os.path.realpath(exclude) + os.sep if exclude else None
     for f in files:
         real = os.path.realpath(f)
+        if skip and real.startswith(skip):
+            continue
         if real not in seen:
             seen.add(real)
             unique.append(real)
@@ -185,19 +190,34 @@ def _blocks(piece: Piece) -> Iterator[bytes]:
             remaining = None if piece.gz else piece.end - piece.start
             if not piece.gz:
                 f.seek(piece.start)
-            carry = b""
+            carry: list[bytes] = []  # the start of a line longer than a block
+            carry_bytes = 0
             while block := f.read(_MB if remaining is None else min(_MB, remaining)):
                 if remaining is not None:
                     remaining -= len(block)
-                data = carry + block
-                cut = data.rfind(b"\n") + 1
-                if cut:
-                    yield data[:cut]
-                carry = data[cut:]
-            if carry:
-                yield carry
+                cut = block.rfind(b"\n") + 1
+                if not cut and not piece.jsonl and carry_bytes + len(block) >= _MB:
+                    cut = _char_boundary(block)  # plain text need not be cut at line ends
+                if not cut:
+                    carry.append(block)
+                    carry_bytes += len(block)
+                    continue
+                yield b"".join(carry) + block[:cut]
+                carry, carry_bytes = [block[cut:]], len(block) - cut
+            if carry_bytes:
+                yield b"".join(carry)
     except (OSError, EOFError, zlib.error) as e:
         raise PrepareError(f"input {piece.path} cannot be read: {e}") from None
+
+
+def _char_boundary(block: bytes) -> int:
+    """The last offset in `block` at which a UTF-8 character starts (0 if none)."""
+    i = len(block)
+    while i > max(len(block) - 4, 0) and block[i - 1] & 0xC0 == 0x80:
+        i -= 1
+    if i > 0 and block[i - 1] >= 0xC0:  # a lead byte whose continuation is in the next block
+        i -= 1
+    return i
 
 
 def read_documents(piece: Piece, text_field: str, val_fraction: float, counts: Counter,
@@ -209,8 +229,9 @@ def read_documents(piece: Piece, text_field: str, val_fraction: float, counts: C
 
     def problem(kind: str, line: int, message: str) -> None:
         counts[kind] += 1
-        problems.append({"file": piece.name, "piece_start": piece.start, "line": line,
-                         "problem": kind, "message": message})
+        if len(problems) < _SHOWN_PROBLEMS:
+                problems.append({"file": piece.name, "piece_start": piece.start, "line": line,
+                             "problem": kind, "message": message})
 
     def split_of(offset: int) -> str:
         key = zlib.crc32(f"{piece.name}:{offset}".encode())
@@ -248,8 +269,9 @@ def read_documents(piece: Piece, text_field: str, val_fraction: float, counts: C
             raw = _decode(line, lambda pos, why: problem("undecodable", lineno, why))
             try:
                 obj = json.loads(raw)
-            except ValueError as e:
-                problem("malformed_json", lineno, f"malformed JSON: {e} (skipped)")
+            except (ValueError, RecursionError) as e:
+                why = e if isinstance(e, ValueError) else "nested too deeply"
+                problem("malformed_json", lineno, f"malformed JSON: {why} (skipped)")
                 continue
             text = obj.get(text_field) if isinstance(obj, dict) else None
             if not isinstance(text, str):
@@ -260,6 +282,12 @@ def read_documents(piece: Piece, text_field: str, val_fraction: float, counts: C
             if not text.strip():
                 problem("empty", lineno, "empty document (skipped)")
                 continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON can spell lone surrogates ("\\ud83d")
+                problem("undecodable", lineno, f"unpaired surrogate at character {e.start} "
+                        "(replaced with U+FFFD)")
+                text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
             yield Doc(text, split_of(line_offset), ends=True)
         lines_before += len(lines)
 
@@ -273,13 +301,14 @@ def _decode(data: bytes, report) -> str:
 
 
 def _encode_pieces(text: str) -> list[str]:
-    """Cuts a long text at line ends into ~1 MB pieces (bounded tokenizer memory)."""
+    """Cuts a long text into pieces of 1-2 M characters, at line ends where there are any
+    (bounded tokenizer memory)."""
     if len(text) <= _ENCODE_CHUNK:
         return [text]
     out, start = [], 0
     while start < len(text):
-        cut = text.find("\n", start + _ENCODE_CHUNK)
-        cut = len(text) if cut < 0 else cut + 1
+        cut = text.find("\n", start + _ENCODE_CHUNK, start + 2 * _ENCODE_CHUNK)
+        cut = min(start + 2 * _ENCODE_CHUNK, len(text)) if cut < 0 else cut + 1
         out.append(text[start:cut])
         start = cut
     return out
@@ -390,7 +419,9 @@ def prepare(inputs: list[str], out: str, *, tokenizer: str | None = None,
     if workers < 1:
         raise PrepareError(f"--workers must be >= 1, got {workers}")
     start_time = time.perf_counter()
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, exclude=out)
+    if not files:
+        raise PrepareError(f"--input {inputs} names no files outside --out {out}")
     total = sum(os.path.getsize(f) for f in files)
     unit_bytes = unit_bytes or default_unit_bytes(total)
     units = plan_units(files, unit_bytes)
@@ -414,6 +445,9 @@ def prepare(inputs: list[str], out: str, *, tokenizer: str | None = None,
             return done  # already prepared
         os.makedirs(os.path.join(out, UNITS), exist_ok=True)
         _write_json(os.path.join(out, PLAN), plan)
+        for name in os.listdir(out):  # partial files of a killed run (we hold the lock)
+            if ".tmp" in name:
+                os.remove(os.path.join(out, name))
 
         tok = _resolve_tokenizer(out, tokenizer, vocab_size, units, text_field, val_fraction,
                                  tokenizer_sample_bytes, log)
@@ -474,11 +508,22 @@ def _map_units(tasks: list[tuple], workers: int, init_args: tuple) -> Iterator[d
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, init_args)
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, multiprocessing.get_context("spawn"), _init_worker, init_args)
+        futures = [pool.submit(_run_unit, task) for task in tasks]  # starts the workers
     finally:
         sys.modules["__main__"] = main
     with pool:
-        yield from pool.imap_unordered(_run_unit, tasks)
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise PrepareError("a worker process died (out of memory? try fewer --workers); "
+                               "the finished units are kept: re-run the same command to resume"
+                               ) from None
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _check_out_dir(out: str, plan: dict, log) -> dict | list[dict]:

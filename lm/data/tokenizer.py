@@ -93,10 +93,13 @@ class BPETokenizer:
     def save(self, directory: str) -> dict:
         """Copies the tokenizer to `directory`/tokenizer.json; returns its spec there."""
         dest = os.path.join(directory, BPE_FILE)
-        if self.path is None:
-            self.tokenizer.save(dest)
-        elif os.path.abspath(self.path) != os.path.abspath(dest):
-            shutil.copyfile(self.path, dest)
+        if self.path is None or os.path.abspath(self.path) != os.path.abspath(dest):
+            tmp = f"{dest}.tmp{os.getpid()}"  # never a half-written tokenizer.json
+            if self.path is None:
+                self.tokenizer.save(tmp)
+            else:
+                shutil.copyfile(self.path, tmp)
+            os.replace(tmp, dest)
         self.path = dest
         return self.spec()
 
