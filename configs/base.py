@@ -21,7 +21,7 @@ def get_config(arg=None):
         rope_theta=10000.0,
         norm_eps=1e-5,
         scan_layers=True,    # False unrolls the layers: faster steps for shallow models, slower compiles
-        remat=False,
+        remat="none",        # per layer: 'none' | 'full' | 'dots' (keep matmul outputs) | 'minimal' (keep attention)
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000,
@@ -33,20 +33,37 @@ def get_config(arg=None):
         log_every=10,
         sample_tokens=200,   # tokens generated from the final model (0 = none)
         progress=True,
+        microbatches=1,      # gradient accumulation: microbatches per step (must divide batch_size)
+        skip_nonfinite=False,  # skip updates with non-finite gradients (always on with loss scaling)
     ))
     c.optim = ml_collections.ConfigDict(dict(
-        name="adamw",
-        lr=3e-4,
+        name="adamw",        # 'adamw' | 'lamb' | 'lars' | 'nvlamb' | 'sgd' (momentum)
+        lr=3e-4,             # peak; lm.optim.scale_lr applies the linear / sqrt batch-size rules
+        schedule="cosine",   # after the warmup: 'cosine' | 'linear' | 'constant' | 'inverse_sqrt'
         warmup_steps=100,
-        decay_steps=0,       # cosine decay length; 0 = train.steps
+        decay_steps=0,       # end of the cosine/linear decay; 0 = train.steps
         min_lr_ratio=0.1,
         weight_decay=0.1,
-        clip_norm=1.0,       # global gradient norm; 0 disables
+        clip_norm=1.0,       # global gradient norm; 0 disables (nvlamb: its max_grad_norm, > 0)
         b1=0.9,
         b2=0.95,
         eps=1e-8,
+        momentum=0.9,        # sgd, lars
+        nesterov=False,      # sgd, lars
+        trust_coefficient=0.001,  # lars
     ))
-    c.precision = ml_collections.ConfigDict(dict(param_dtype="float32", compute_dtype="float32"))
+    c.precision = ml_collections.ConfigDict(dict(
+        param_dtype="float32",    # 'float32' | 'bfloat16' | 'float16'
+        compute_dtype="float32",  # logits and loss are always float32
+        master_weights=False,     # float32 master weights in the optimizer state (half params)
+        loss_scale="auto",        # 'auto' = dynamic when a dtype is float16 | 'dynamic' | 'none'
+        initial_scale=2.0 ** 16,  # dynamic loss scaling, Megatron semantics:
+        growth_factor=2.0,        #   x growth_factor after growth_interval clean steps
+        growth_interval=1000,
+        backoff_factor=0.5,       #   x backoff_factor once `hysteresis` overflows have been seen
+        hysteresis=2,
+        min_scale=1.0,
+    ))
     # Device mesh sizes; -1 fills with the devices the other axes leave.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1, pipeline=1))
     # data.path: a directory from `python -m lm.data.prepare`; "" trains on the embedded corpus

@@ -11,7 +11,7 @@ def get_config(arg=None):
     del arg
     c = base.get_config()
     c.model.update(style="llama", num_layers=22, d_model=2048, num_heads=32, num_kv_heads=4,
-                   mlp_dim=5632, vocab_size=32000, max_len=2048, remat=True)
+                   mlp_dim=5632, vocab_size=32000, max_len=2048, remat="full")
     c.train.update(steps=100_000, batch_size=1024, seq_len=2048, eval_every=1000, log_every=50)
     c.optim.update(lr=4e-4, warmup_steps=2000, weight_decay=0.1)
     return c

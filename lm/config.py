@@ -16,7 +16,10 @@ from typing import Any
 import ml_collections
 
 STYLES = ("gpt2", "llama")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "lamb", "lars", "nvlamb", "sgd")
+SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt")
+REMAT = ("none", "full", "dots", "minimal")
+LOSS_SCALE = ("auto", "dynamic", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence", "pipeline")
 
@@ -38,7 +41,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     scan_layers: bool = True  # lax.scan over the stacked layers (fast compiles) or unroll them
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    # Recomputed in the backward pass, per layer: 'none'; 'full' (save only the layer input);
+    # 'dots' (save matmul outputs); 'minimal' (save only the attention output).
+    remat: str = "none"
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
 
@@ -62,12 +67,16 @@ class TrainConfig:
     log_every: int = 10
     sample_tokens: int = 200
     progress: bool = True
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many, in one jit
+    skip_nonfinite: bool = False  # skip an update whose gradients are not finite (always on
+                                  # with dynamic loss scaling)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | lamb | lars | nvlamb | sgd
     lr: float = 3e-4
+    schedule: str = "cosine"  # after linear warmup: cosine | linear | constant | inverse_sqrt
     warmup_steps: int = 100
     decay_steps: int = 0  # cosine decay length; 0 = until train.steps
     min_lr_ratio: float = 0.1
@@ -76,6 +85,27 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
+    momentum: float = 0.9  # sgd, lars
+    nesterov: bool = False  # sgd, lars
+    trust_coefficient: float = 0.001  # lars
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+    """Numerics beyond the dtypes (`precision.param_dtype` / `compute_dtype` live in
+    ModelConfig, which the model is built from)."""
+    master_weights: bool = False  # float32 master copy in the optimizer state
+    loss_scale: str = "auto"  # 'auto' (dynamic when a dtype is float16) | 'dynamic' | 'none'
+    initial_scale: float = 2.0 ** 16
+    growth_factor: float = 2.0
+    growth_interval: int = 1000  # clean steps before the scale grows
+    backoff_factor: float = 0.5
+    hysteresis: int = 2  # overflows tolerated before the scale backs off
+    min_scale: float = 1.0
+
+    def dynamic(self, model: ModelConfig) -> bool:
+        return self.loss_scale == "dynamic" or (
+            self.loss_scale == "auto" and "float16" in (model.param_dtype, model.compute_dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +139,7 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig
     optim: OptimConfig
+    precision: PrecisionConfig
     mesh: MeshConfig
     data: DataConfig
     checkpoint: CheckpointConfig
@@ -206,15 +237,23 @@ def from_config_dict(cd: ml_collections.ConfigDict) -> RunConfig:
     model = _section(cd, "model", ModelConfig) or ModelConfig()
     if "precision" in cd:
         prec = dict(cd.precision)
-        for k in prec:
-            if k not in ("param_dtype", "compute_dtype"):
-                raise ConfigError(f"unknown config key 'precision.{k}'; valid keys: "
-                                  "['compute_dtype', 'param_dtype']")
-        model = dataclasses.replace(model, **prec)
+        dtypes = {k: prec.pop(k) for k in ("param_dtype", "compute_dtype") if k in prec}
+        for k, v in dtypes.items():
+            if not isinstance(v, str):
+                raise ConfigError(f"'precision.{k}' must be a string, got {v!r}")
+        model = dataclasses.replace(model, **dtypes)
+        try:
+            precision = _section({"precision": prec}, "precision", PrecisionConfig)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("valid keys: [", "valid keys: ['compute_dtype', "
+                                             "'param_dtype', ")) from None
+    else:
+        precision = PrecisionConfig()
     run = RunConfig(
         model=model,
         train=_section(cd, "train", TrainConfig) or TrainConfig(),
         optim=_section(cd, "optim", OptimConfig) or OptimConfig(),
+        precision=precision,
         mesh=_section(cd, "mesh", MeshConfig) or MeshConfig(),
         data=_section(cd, "data", DataConfig) or DataConfig(),
         checkpoint=_section(cd, "checkpoint", CheckpointConfig) or CheckpointConfig(),
@@ -249,7 +288,20 @@ def validate(run: RunConfig) -> None:
     _check(t.seq_len <= m.max_len, "train.seq_len",
            f"({t.seq_len}) must be <= model.max_len ({m.max_len})")
 
+    _check(m.remat in REMAT, "model.remat", f"must be one of {list(REMAT)}, got {m.remat!r}")
+    _check(t.microbatches >= 1, "train.microbatches", f"must be >= 1, got {t.microbatches}")
+    _check(t.batch_size % t.microbatches == 0, "train.microbatches",
+           f"({t.microbatches}) must divide train.batch_size ({t.batch_size})")
+
     _check(o.name in OPTIMIZERS, "optim.name", f"must be one of {list(OPTIMIZERS)}, got {o.name!r}")
+    _check(o.schedule in SCHEDULES, "optim.schedule",
+           f"must be one of {list(SCHEDULES)}, got {o.schedule!r}")
+    _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(o.trust_coefficient > 0, "optim.trust_coefficient",
+           f"must be positive, got {o.trust_coefficient}")
+    _check(o.name != "nvlamb" or o.clip_norm > 0, "optim.clip_norm",
+           "must be positive for nvlamb: it is NVLAMB's max_grad_norm, the global gradient-norm "
+           "pre-normalisation (NVIDIA's default 1.0)")
     _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _check(o.decay_steps >= 0, "optim.decay_steps", f"must be >= 0, got {o.decay_steps}")
@@ -270,3 +322,18 @@ def validate(run: RunConfig) -> None:
     _check(run.data.prefetch >= 0, "data.prefetch", f"must be >= 0, got {run.data.prefetch}")
     _check(run.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {run.checkpoint.every}")
     _check(run.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {run.checkpoint.keep}")
+
+    p = run.precision
+    _check(p.loss_scale in LOSS_SCALE, "precision.loss_scale",
+           f"must be one of {list(LOSS_SCALE)}, got {p.loss_scale!r}")
+    _check(p.initial_scale >= p.min_scale > 0, "precision.initial_scale",
+           f"must be >= precision.min_scale > 0, got {p.initial_scale} and {p.min_scale}")
+    _check(p.growth_factor > 1, "precision.growth_factor", f"must be > 1, got {p.growth_factor}")
+    _check(0 < p.backoff_factor < 1, "precision.backoff_factor",
+           f"must be in (0, 1), got {p.backoff_factor}")
+    _check(p.growth_interval >= 1, "precision.growth_interval",
+           f"must be >= 1, got {p.growth_interval}")
+    _check(p.hysteresis >= 1, "precision.hysteresis", f"must be >= 1, got {p.hysteresis}")
+    _check(not p.master_weights or m.param_dtype != "float32", "precision.master_weights",
+           "needs precision.param_dtype bfloat16 or float16 (float32 parameters are their own "
+           "master weights)")

@@ -23,12 +23,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from lm.config import ModelConfig
 from lm.sharding import constrain
 
 Initializer = jax.nn.initializers.Initializer
+# model.remat: what a layer keeps for the backward pass (everything else is recomputed).
+REMAT_POLICIES = {
+    "full": None,  # only the layer's input
+    "dots": jax.checkpoint_policies.save_only_these_names("dot", "attention"),
+    "minimal": jax.checkpoint_policies.save_only_these_names("attention"),
+}
 # Per-feature vectors (biases, norm scales): no weight decay (see lm.optim.decay_mask).
 VECTOR_PARAMS = frozenset({"scale", "bias", "bq", "bk", "bv", "bo", "bi"})
 
@@ -51,6 +58,12 @@ def dense(x: Float[Array, "... I"], w: Float[Array, "I O"]) -> Float[Array, "...
     the llama-style bench model (bench/RESULTS.md). Mathematically identical.
     """
     return jnp.einsum("...i,io->...o", x, w)
+
+
+def dense_named(x, w):
+    """`dense` whose output the 'dots' remat policy keeps (a custom VJP hides its matmul from
+    jax's own dot-finding policies)."""
+    return checkpoint_name(dense(x, w), "dot")
 
 
 def _dense_fwd(x, w):
@@ -162,7 +175,7 @@ class Attention(nnx.Module):
 
         def project(w_dnh):
             w = w_dnh[...].astype(dt)
-            return dense(x_btd, w.reshape(d, -1)).reshape(b, t, *w.shape[1:])
+            return dense_named(x_btd, w.reshape(d, -1)).reshape(b, t, *w.shape[1:])
 
         q_btnh, k_btkh, v_btkh = project(self.wq), project(self.wk), project(self.wv)
         if cfg.style == "gpt2":
@@ -175,7 +188,8 @@ class Attention(nnx.Module):
         # Grouped-query attention is native here: K must divide N. On GPU with bf16 this takes
         # cuDNN's flash attention; elsewhere the XLA implementation.
         out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True)
-        out_btd = dense(out_btnh.reshape(b, t, -1), self.wo[...].astype(dt).reshape(-1, d))
+        out_btnh = checkpoint_name(out_btnh, "attention")
+        out_btd = dense_named(out_btnh.reshape(b, t, -1), self.wo[...].astype(dt).reshape(-1, d))
         if cfg.style == "gpt2":
             out_btd += self.bo[...].astype(dt)
         return out_btd
@@ -201,14 +215,14 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         dt = x_btd.dtype
-        h_btf = dense(x_btd, self.wi[...].astype(dt))
+        h_btf = dense_named(x_btd, self.wi[...].astype(dt))
         if self.gated:
-            g_btf = dense(x_btd, self.wg[...].astype(dt))
+            g_btf = dense_named(x_btd, self.wg[...].astype(dt))
             h_btf = jax.nn.silu(g_btf) * h_btf
         else:
             h_btf = jax.nn.gelu(h_btf + self.bi[...].astype(dt), approximate=True)
         h_btf = constrain(h_btf, ("batch", "length", "mlp"))
-        out_btd = dense(h_btf, self.wo[...].astype(dt))
+        out_btd = dense_named(h_btf, self.wo[...].astype(dt))
         if not self.gated:
             out_btd += self.bo[...].astype(dt)
         return out_btd
@@ -274,9 +288,10 @@ class Transformer(nnx.Module):
             x_btd = materialize_grad(x_btd)
             return nnx.merge(block_def, layer_state)(x_btd, rope_bt), None
 
-        if cfg.remat:
+        if cfg.remat != "none":
             # Inside scan CSE cannot undo the recomputation; unrolled it can, so prevent it there.
-            layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers)
+            layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers,
+                                   policy=REMAT_POLICIES[cfg.remat])
         if cfg.scan_layers:
             x_btd, _ = jax.lax.scan(layer, x_btd, block_state)
         else:

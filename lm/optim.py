@@ -1,19 +1,72 @@
-"""Optimizers as optax chains: learning-rate schedule, global-norm clipping, weight decay mask."""
+"""Optimizers, learning-rate schedules and dynamic loss scaling.
+
+Optimizers are optax chains (`optim.name`), each after optional global-norm clipping
+(`optim.clip_norm`):
+
+    adamw   Adam moments with bias correction, decoupled weight decay
+    lamb    Adam moments, decoupled weight decay, then the layer-wise trust ratio
+            ||p|| / ||u|| (1 where either is 0) — You et al. 2019
+    nvlamb  NVIDIA's LAMB: the same after a global gradient-norm pre-normalisation
+            g / max(1, ||g|| / clip_norm) that is not optional (clip_norm > 0)
+    lars    weight decay added to the gradient, trust ratio coeff * ||p|| / ||g + wd p|| on
+            matrices, then heavy-ball momentum — You et al. 2017
+    sgd     weight decay added to the gradient, heavy-ball (or Nesterov) momentum
+
+Weight decay never touches biases and norm scales (`decay_mask`, by parameter name); LARS
+leaves them out of the trust ratio too.
+
+Dynamic loss scaling (`LossScale`, Megatron's DynamicGradScaler semantics, see
+../shared/REFERENCE.md): the loss is multiplied by `scale` before differentiation and the
+gradients divided by it after; a step whose gradients are not finite is skipped (the train step
+keeps parameters and optimizer state) and counts against `hysteresis`; once hysteresis is spent
+the scale is multiplied by `backoff_factor` (not below `min_scale`) at each overflow; after
+`growth_interval` clean steps in a row it grows by `growth_factor` and hysteresis refills.
+"""
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import optax
 
-from lm.config import OptimConfig
+from lm.config import OptimConfig, PrecisionConfig
 from lm.model import VECTOR_PARAMS
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio`."""
-    decay = cfg.decay_steps or total_steps
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(decay, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then `cfg.schedule`: cosine or linear
+    decay to `lr * min_lr_ratio` at `decay_steps` (0: the end of training), constant, or
+    inverse square root (lr * sqrt(warmup / step))."""
+    peak, warmup = cfg.lr, cfg.warmup_steps
+    end = peak * cfg.min_lr_ratio
+    decay_end = max(cfg.decay_steps or total_steps, warmup + 1)
+
+    def lr(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * step / max(warmup, 1)
+        frac = jnp.clip((step - warmup) / (decay_end - warmup), 0.0, 1.0)
+        if cfg.schedule == "cosine":
+            after = end + (peak - end) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+        elif cfg.schedule == "linear":
+            after = peak + (end - peak) * frac
+        elif cfg.schedule == "constant":
+            after = jnp.full_like(step, peak)
+        else:  # inverse_sqrt (validated in lm.config)
+            after = peak * jnp.sqrt(max(warmup, 1) / jnp.maximum(step, max(warmup, 1)))
+        return jnp.where(step < warmup, warm, after)
+
+    return lr
+
+
+def scale_lr(base_lr: float, base_batch: int, batch: int, rule: str = "linear") -> float:
+    """The learning rate for `batch` given one tuned at `base_batch`: 'linear' (Goyal et al.,
+    SGD / LARS) or 'sqrt' (Adam / LAMB, Hoffer et al.; You et al.). For configs."""
+    if rule == "linear":
+        return base_lr * batch / base_batch
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch / base_batch)
+    raise ValueError(f"batch-size scaling rule must be 'linear' or 'sqrt', got {rule!r}")
 
 
 def decay_mask(params):
@@ -29,12 +82,65 @@ def decay_mask(params):
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     lr = schedule(cfg, total_steps)
-    parts = []
-    if cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    wd = cfg.weight_decay
     if cfg.name == "adamw":
-        parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, mask=decay_mask))
+        parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd,
+                                 mask=decay_mask))
+    elif cfg.name in ("lamb", "nvlamb"):  # nvlamb: clip_norm > 0 is enforced by lm.config
+        parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+                  optax.add_decayed_weights(wd, decay_mask),
+                  optax.scale_by_trust_ratio(),
+                  optax.scale_by_learning_rate(lr)]
+    elif cfg.name == "lars":
+        parts.append(optax.lars(lr, weight_decay=wd, weight_decay_mask=decay_mask,
+                                trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
+                                trust_ratio_mask=decay_mask, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov))
+    elif cfg.name == "sgd":
+        parts += [optax.add_decayed_weights(wd, decay_mask),
+                  optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov)]
     else:  # validated in lm.config
         raise ValueError(f"optim.name={cfg.name!r}")
     return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic loss scaling
+
+
+class LossScale:
+    """The loss-scale state is a dict of scalars that lives in the train state (and so in every
+    checkpoint): `scale`, `good_steps` (clean steps since the last growth or overflow),
+    `hysteresis` (overflows left before backing off) and `skipped` (steps skipped so far)."""
+
+    def __init__(self, cfg: PrecisionConfig, dynamic: bool):
+        self.cfg, self.dynamic = cfg, dynamic
+
+    def init(self) -> dict[str, jax.Array]:
+        scale = self.cfg.initial_scale if self.dynamic else 1.0
+        return {"scale": jnp.asarray(scale, jnp.float32),
+                "good_steps": jnp.zeros((), jnp.int32),
+                "hysteresis": jnp.asarray(self.cfg.hysteresis, jnp.int32),
+                "skipped": jnp.zeros((), jnp.int32)}
+
+    def update(self, state: dict[str, jax.Array], finite: jax.Array) -> dict[str, jax.Array]:
+        """The state after a step whose gradients were (not) all finite."""
+        skipped = state["skipped"] + (~finite).astype(jnp.int32)
+        if not self.dynamic:
+            return {**state, "skipped": skipped}
+        c = self.cfg
+        good = jnp.where(finite, state["good_steps"] + 1, 0)
+        grow = good >= c.growth_interval
+        hysteresis = jnp.where(finite, state["hysteresis"], state["hysteresis"] - 1)
+        back_off = ~finite & (hysteresis <= 0)
+        scale = jnp.where(grow, state["scale"] * c.growth_factor,
+                          jnp.where(back_off, jnp.maximum(state["scale"] * c.backoff_factor,
+                                                          c.min_scale), state["scale"]))
+        return {"scale": scale, "good_steps": jnp.where(grow, 0, good),
+                "hysteresis": jnp.where(grow, c.hysteresis, hysteresis), "skipped": skipped}
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every element of every leaf is finite (a global reduction under SPMD)."""
+    return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all()

@@ -30,7 +30,7 @@ from lm.data.dataset import Dataset
 from lm.data.loader import Loader, LoaderState
 from lm.data.tokenizer import DATA_FILE
 from lm.model import Transformer
-from lm.optim import make_optimizer, schedule
+from lm.optim import LossScale, all_finite, make_optimizer, schedule
 from lm.tracking import Tracker
 
 
@@ -55,29 +55,86 @@ def loss_fn(graphdef, params, batch_bt: jax.Array) -> jax.Array:
 
 
 def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
-    """Traces nothing yet: works out shapes and shardings abstractly and wraps the jits."""
+    """Traces nothing yet: works out shapes and shardings abstractly and wraps the jits.
+
+    The state is {"step", "params", "opt_state", "loss_scale"}. With precision.master_weights
+    the parameters are bfloat16/float16 and opt_state is {"master": float32 parameters, "tx":
+    the optimizer's state over them}; the optimizer updates the masters and the parameters are
+    their rounded copy.
+    """
     tx = make_optimizer(run.optim, run.train.steps)
+    master = run.precision.master_weights
+    scaler = LossScale(run.precision, run.precision.dynamic(run.model))
+    check_finite = scaler.dynamic or run.train.skip_nonfinite
+    k = run.train.microbatches
     make_model = lambda: Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
         graphdef, abs_params = nnx.split(nnx.eval_shape(make_model))
         param_sharding = nnx.get_named_sharding(abs_params, mesh)
     replicated = NamedSharding(mesh, P())
+    to_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    abs_opt_params = jax.eval_shape(to_f32, abs_params) if master else abs_params
     opt_sharding = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, abs_params), param_sharding,
+        tx, lambda _, s: s, jax.eval_shape(tx.init, abs_opt_params), param_sharding,
         transform_non_params=lambda _: replicated)
-    state_sharding = {"step": replicated, "params": param_sharding, "opt_state": opt_sharding}
+    if master:
+        opt_sharding = {"master": param_sharding, "tx": opt_sharding}
+    state_sharding = {"step": replicated, "params": param_sharding, "opt_state": opt_sharding,
+                      "loss_scale": jax.tree.map(lambda _: replicated, scaler.init())}
+    batch_axes = sharding.batch_sharding(mesh).spec[0]
 
     def init():
         params = nnx.state(make_model())
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        opt_state = ({"master": to_f32(params), "tx": tx.init(to_f32(params))} if master
+                     else tx.init(params))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
+                "loss_scale": scaler.init()}
+
+    def grads_and_loss(params, batch_bt, scale):
+        """Float32 gradients of the mean loss (unscaled), and the loss; K microbatches are a
+        scan that sums float32 gradients."""
+        scaled = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b) * scale)
+        if k == 1:
+            loss, grads = scaled(params, batch_bt)
+            grads = to_f32(grads)
+        else:
+            # Row r goes to microbatch r % K: each device's rows stay on it.
+            b, t1 = batch_bt.shape
+            micro_kbt = batch_bt.reshape(b // k, k, t1).swapaxes(0, 1)
+            micro_kbt = jax.lax.with_sharding_constraint(micro_kbt, P(None, batch_axes))
+
+            def accumulate(carry, micro_bt):
+                loss, grads = scaled(params, micro_bt)
+                return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry,
+                                    (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(
+                lambda p: jnp.zeros(p.shape, jnp.float32), params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro_kbt)
+            loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+        return loss / scale, jax.tree.map(lambda g: g / scale, grads)
 
     def train_step(state, batch_bt):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch_bt))(
-            state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        params, opt_state, ls = state["params"], state["opt_state"], state["loss_scale"]
+        loss, grads = grads_and_loss(params, batch_bt, ls["scale"])
+        if master:
+            updates, tx_state = tx.update(grads, opt_state["tx"], opt_state["master"])
+            masters = optax.apply_updates(opt_state["master"], updates)
+            new_params = jax.tree.map(lambda m, p: m.astype(p.dtype), masters, params)
+            new_opt_state = {"master": masters, "tx": tx_state}
+        else:
+            grads_p = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+            updates, new_opt_state = tx.update(grads_p, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+        finite = all_finite(grads)
+        if check_finite:  # a bad step changes nothing but the loss-scale state
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+        new_ls = scaler.update(ls, finite) if check_finite else ls
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "loss_scale": ls["scale"],
+                   "skipped_steps": new_ls["skipped"]}
+        return {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state,
+                "loss_scale": new_ls}, metrics
 
     return Trainer(
         run=run, mesh=mesh, graphdef=graphdef, tx=tx, state_sharding=state_sharding,
@@ -100,9 +157,11 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(run.mesh)
     t, m = run.train, run.model
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if t.batch_size % data_ways:
+    if t.batch_size % (data_ways * t.microbatches):
         raise ConfigError(f"'train.batch_size' ({t.batch_size}) must be divisible by "
-                          f"mesh.data x mesh.fsdp ({data_ways})")
+                          f"train.microbatches x mesh.data x mesh.fsdp "
+                          f"({t.microbatches} x {data_ways}): each microbatch is split over "
+                          "the data devices")
     dataset = open_dataset(run, workdir)
     tokenizer = dataset.tokenizer
     if m.vocab_size < tokenizer.vocab_size:
@@ -151,6 +210,8 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
                 elapsed = time.perf_counter() - window_start
                 record = {"loss": float(metrics["loss"]), "lr": float(lr(step - 1)),
                           "grad_norm": float(metrics["grad_norm"]),
+                          "loss_scale": float(metrics["loss_scale"]),
+                          "skipped_steps": int(metrics["skipped_steps"]),
                           "tokens_per_s": window_steps * t.batch_size * t.seq_len / elapsed
                           if window_steps else 0.0}
                 tracker.log(step, record)

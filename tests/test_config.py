@@ -70,7 +70,7 @@ BASE = os.path.join(ROOT, "configs/base.py")
     ("precision.compute_dtype", "float8", "precision.compute_dtype"),
     ("train.seq_len", 4096, "train.seq_len"),
     ("mesh.tensor", 0, "mesh.tensor"),
-    ("optim.name", "sgd", "optim.name"),
+    ("optim.name", "adam", "optim.name"),
     ("train.steps", "ten", "train.steps"),
 ])
 def test_bad_values_name_the_key(key, value, match):

@@ -58,7 +58,7 @@ def test_scan_and_unroll_agree(kw):
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 97)
     scanned = tiny_model(scan_layers=True, **kw)(tokens)
     unrolled = tiny_model(scan_layers=False, **kw)(tokens)
-    remat = tiny_model(remat=True, **kw)(tokens)
+    remat = tiny_model(remat="full", **kw)(tokens)
     np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(scanned, remat, atol=1e-5, rtol=1e-5)
 
