@@ -187,7 +187,11 @@ class Attention(nnx.Module):
             k_btkh = rope(k_btkh, rope_bt)
         # Grouped-query attention is native here: K must divide N. On GPU with bf16 this takes
         # cuDNN's flash attention; elsewhere the XLA implementation.
-        out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True)
+        if dt == jnp.float16 and jax.default_backend() == "cpu":
+            # XLA:CPU has no float16 x float16 -> float32 dot, which the attention's logits use.
+            q_btnh, k_btkh, v_btkh = (a.astype(jnp.float32) for a in (q_btnh, k_btkh, v_btkh))
+        out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh,
+                                                is_causal=True).astype(dt)
         out_btnh = checkpoint_name(out_btnh, "attention")
         out_btd = dense_named(out_btnh.reshape(b, t, -1), self.wo[...].astype(dt).reshape(-1, d))
         if cfg.style == "gpt2":
