@@ -262,11 +262,12 @@ def main(argv: list[str] | None = None) -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    flag_values = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "configs/NAME.py[:ARG]", flag_values=flag_values, lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "output directory", flag_values=flag_values)
     argv = sys.argv if argv is None else ["lm.train", *argv]
+    flag_values = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file(  # sys_argv: where the --config.* overrides are
+        "config", None, "configs/NAME.py[:ARG]", flag_values=flag_values, lock_config=True,
+        sys_argv=argv)
+    workdir = flags.DEFINE_string("workdir", None, "output directory", flag_values=flag_values)
     try:
         flag_values(argv)
         if config_flag.value is None:

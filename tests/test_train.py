@@ -129,3 +129,35 @@ def test_batch_not_divisible_by_data_axis_is_a_clear_error(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2
     assert "train.batch_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def stdlib_data(tmp_path_factory):
+    from lm.data.corpus import prepare_stdlib
+    return prepare_stdlib(str(tmp_path_factory.mktemp("data") / "stdlib"))
+
+
+@pytest.mark.parametrize("optimizer,lr,dtype", [
+    ("adamw", 3e-3, "float32"), ("lamb", 2e-2, "float32"), ("nvlamb", 2e-2, "float32"),
+    ("lars", 10.0, "float32"), ("sgd", 0.5, "float32"), ("adamw", 3e-3, "bfloat16"),
+    ("adamw", 3e-3, "float16")])
+def test_every_optimizer_and_compute_dtype_trains_tiny(tmp_path, stdlib_data, optimizer, lr,
+                                                        dtype):
+    """The CLI entry point (in process) on configs/tiny.py, made smaller: the loss falls."""
+    from lm import train
+    train.main(["--config", f"{ROOT}/configs/tiny.py", "--workdir", str(tmp_path),
+                f"--config.data.path={stdlib_data}", f"--config.optim.name={optimizer}",
+                f"--config.optim.lr={lr}", f"--config.precision.compute_dtype={dtype}",
+                "--config.model.num_layers=2", "--config.model.d_model=64",
+                "--config.model.mlp_dim=128", "--config.train.steps=40",
+                "--config.train.batch_size=8", "--config.train.seq_len=64",
+                "--config.train.log_every=10", "--config.train.eval_every=40",
+                "--config.train.eval_batches=1", "--config.train.sample_tokens=0",
+                "--config.train.progress=False", "--config.optim.warmup_steps=5"])
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    losses = [r["loss"] for r in train_records]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(r["skipped_steps"] == 0 for r in train_records)
+    assert train_records[0]["loss_scale"] == (2.0 ** 16 if dtype == "float16" else 1.0)
