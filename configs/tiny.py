@@ -2,11 +2,13 @@
 
     python -m lm.train --config configs/tiny.py --workdir /tmp/tiny          # GPT-2 style
     python -m lm.train --config configs/tiny.py:llama --workdir /tmp/tiny    # Llama style (GQA)
+    python -m lm.train --config configs/tiny.py:nvlamb --workdir /tmp/tiny   # 4x the batch, NVLAMB
 
 Expected on 2 CPU cores: about 5.5 minutes; the loss falls from ~5.9 to ~1.6 nats/byte and the
 final sample looks like Python (one run: `def test_list(self._ostr))` ... `self.assertEqual(`).
 """
 from configs import base
+from lm.optim import scale_lr
 
 
 def get_config(arg=None):
@@ -17,6 +19,13 @@ def get_config(arg=None):
     c.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.1)
     if arg == "llama":
         c.model.update(style="llama", num_kv_heads=2, mlp_dim=768)
+    elif arg == "nvlamb":
+        # The large-batch recipe: 4x the batch in 4 microbatches, NVLAMB with NVIDIA's BERT
+        # defaults, the learning rate by the square-root rule from one tuned at batch 16.
+        c.train.update(batch_size=64, microbatches=4, steps=200)
+        c.optim.update(name="nvlamb", lr=scale_lr(1e-2, 16, 64, "sqrt"), b2=0.999, eps=1e-6,
+                       weight_decay=0.01, clip_norm=1.0)
     elif arg not in (None, "gpt2"):
-        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; valid: 'gpt2', 'llama'")
+        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; valid: 'gpt2', 'llama', "
+                         "'nvlamb'")
     return c

@@ -29,6 +29,12 @@ def test_every_config_loads_and_builds_abstractly(path):
     assert param_count(model) > 0
 
 
+def test_tiny_nvlamb_variant_uses_the_batch_scaling_helper():
+    run = from_config_dict(load_config_file(os.path.join(ROOT, "configs/tiny.py:nvlamb")))
+    assert run.optim.name == "nvlamb" and run.train.microbatches == 4
+    assert run.optim.lr == pytest.approx(2e-2)  # 1e-2 x sqrt(64 / 16)
+
+
 def test_tiny_llama_variant():
     run = from_config_dict(load_config_file(os.path.join(ROOT, "configs/tiny.py:llama")))
     assert run.model.style == "llama" and run.model.num_kv_heads < run.model.num_heads
@@ -72,10 +78,24 @@ BASE = os.path.join(ROOT, "configs/base.py")
     ("mesh.tensor", 0, "mesh.tensor"),
     ("optim.name", "adam", "optim.name"),
     ("train.steps", "ten", "train.steps"),
+    ("model.remat", "some", "model.remat"),
+    ("model.remat", True, "model.remat"),                 # a string now: none/full/dots/minimal
+    ("train.microbatches", 3, "train.microbatches"),       # does not divide the batch of 16
+    ("optim.schedule", "step", "optim.schedule"),
+    ("precision.loss_scale", "static", "precision.loss_scale"),
+    ("precision.master_weights", True, "precision.master_weights"),  # with float32 params
+    ("precision.backoff_factor", 2.0, "precision.backoff_factor"),
+    ("precision.loss_scal", "none", "precision.loss_scal"),  # unknown key
 ])
 def test_bad_values_name_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
         from_config_dict(override(load_config_file(BASE), **{key: value}))
+
+
+def test_nvlamb_needs_its_gradient_norm_bound():
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        from_config_dict(override(load_config_file(BASE),
+                                  **{"optim.name": "nvlamb", "optim.clip_norm": 0.0}))
 
 
 def test_unknown_key_is_rejected():
