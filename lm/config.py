@@ -334,6 +334,9 @@ def validate(run: RunConfig) -> None:
     _check(p.growth_interval >= 1, "precision.growth_interval",
            f"must be >= 1, got {p.growth_interval}")
     _check(p.hysteresis >= 1, "precision.hysteresis", f"must be >= 1, got {p.hysteresis}")
+    _check(m.param_dtype != "float16" or p.master_weights, "precision.param_dtype",
+           "float16 parameters need precision.master_weights=True: Adam's second moment and "
+           "small updates vanish in float16 (bfloat16 parameters work without)")
     _check(not p.master_weights or m.param_dtype != "float32", "precision.master_weights",
            "needs precision.param_dtype bfloat16 or float16 (float32 parameters are their own "
            "master weights)")

@@ -5,7 +5,8 @@ Optimizers are optax chains (`optim.name`), each after optional global-norm clip
 
     adamw   Adam moments with bias correction, decoupled weight decay
     lamb    Adam moments, decoupled weight decay, then the layer-wise trust ratio
-            ||p|| / ||u|| (1 where either is 0) — You et al. 2019
+            ||p|| / ||u|| (1 where either is 0; one ratio per layer of the stacked blocks)
+            — You et al. 2019
     nvlamb  NVIDIA's LAMB: the same after a global gradient-norm pre-normalisation
             g / max(1, ||g|| / clip_norm) that is not optional (clip_norm > 0)
     lars    weight decay added to the gradient, trust ratio coeff * ||p|| / ||g + wd p|| on
@@ -80,6 +81,27 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def scale_by_trust_ratio(trust_coefficient: float = 1.0,
+                         eps: float = 0.0) -> optax.GradientTransformation:
+    """u * coeff * ||p|| / (||u|| + eps) per layer (1 where either norm is 0).
+
+    Like optax's, except that the stacked block parameters ([layers, ...], under `blocks`) get
+    one ratio per layer: optax's would take one norm over all layers at once."""
+    def update(updates, state, params):
+        def scale(path, u, p):
+            stacked = any(getattr(k, "key", None) == "blocks" for k in path) and u.ndim > 1
+            axes = tuple(range(1, u.ndim)) if stacked else None
+            norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axes,
+                                              keepdims=True))
+            p_norm, u_norm = norm(p), norm(u)
+            ratio = jnp.where((p_norm == 0) | (u_norm == 0), 1.0,
+                              trust_coefficient * p_norm / (u_norm + eps))
+            return (u * ratio).astype(u.dtype)
+        return jax.tree_util.tree_map_with_path(scale, updates, params), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     lr = schedule(cfg, total_steps)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
@@ -90,13 +112,13 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     elif cfg.name in ("lamb", "nvlamb"):  # nvlamb: clip_norm > 0 is enforced by lm.config
         parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
                   optax.add_decayed_weights(wd, decay_mask),
-                  optax.scale_by_trust_ratio(),
+                  scale_by_trust_ratio(),
                   optax.scale_by_learning_rate(lr)]
     elif cfg.name == "lars":
-        parts.append(optax.lars(lr, weight_decay=wd, weight_decay_mask=decay_mask,
-                                trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
-                                trust_ratio_mask=decay_mask, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov))
+        parts += [optax.add_decayed_weights(wd, decay_mask),
+                  optax.masked(scale_by_trust_ratio(cfg.trust_coefficient, cfg.eps), decay_mask),
+                  optax.scale_by_learning_rate(lr),
+                  optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov)]
     elif cfg.name == "sgd":
         parts += [optax.add_decayed_weights(wd, decay_mask),
                   optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov)]

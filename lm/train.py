@@ -101,7 +101,8 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
             # Row r goes to microbatch r % K: each device's rows stay on it.
             b, t1 = batch_bt.shape
             micro_kbt = batch_bt.reshape(b // k, k, t1).swapaxes(0, 1)
-            micro_kbt = jax.lax.with_sharding_constraint(micro_kbt, P(None, batch_axes))
+            micro_kbt = jax.lax.with_sharding_constraint(
+                micro_kbt, NamedSharding(mesh, P(None, batch_axes)))
 
             def accumulate(carry, micro_bt):
                 loss, grads = scaled(params, micro_bt)
@@ -136,12 +137,22 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
         return {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state,
                 "loss_scale": new_ls}, metrics
 
+    def eval_step(params, batch_bt):
+        """The mean loss, in the same microbatches as training (the same peak memory)."""
+        if k == 1:
+            return loss_fn(graphdef, params, batch_bt)
+        b, t1 = batch_bt.shape
+        micro_kbt = jax.lax.with_sharding_constraint(
+            batch_bt.reshape(b // k, k, t1).swapaxes(0, 1),
+            NamedSharding(mesh, P(None, batch_axes)))
+        return jax.lax.map(lambda mb: loss_fn(graphdef, params, mb), micro_kbt).mean()
+
     return Trainer(
         run=run, mesh=mesh, graphdef=graphdef, tx=tx, state_sharding=state_sharding,
         init=jax.jit(init, out_shardings=state_sharding),
         train_step=jax.jit(train_step, donate_argnums=(0,),
                            out_shardings=(state_sharding, replicated)),
-        eval_step=jax.jit(lambda params, batch: loss_fn(graphdef, params, batch)),
+        eval_step=jax.jit(eval_step),
     )
 
 
@@ -208,7 +219,9 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
             if step % t.log_every == 0 or step == t.steps:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
-                record = {"loss": float(metrics["loss"]), "lr": float(lr(step - 1)),
+                # The schedule follows the optimizer's count, which skipped steps do not advance.
+                applied = step - 1 - int(metrics["skipped_steps"])
+                record = {"loss": float(metrics["loss"]), "lr": float(lr(applied)),
                           "grad_norm": float(metrics["grad_norm"]),
                           "loss_scale": float(metrics["loss_scale"]),
                           "skipped_steps": int(metrics["skipped_steps"]),

@@ -85,6 +85,7 @@ BASE = os.path.join(ROOT, "configs/base.py")
     ("precision.loss_scale", "static", "precision.loss_scale"),
     ("precision.master_weights", True, "precision.master_weights"),  # with float32 params
     ("precision.backoff_factor", 2.0, "precision.backoff_factor"),
+    ("precision.param_dtype", "float16", "master_weights=True"),  # fp16 params need masters
     ("precision.loss_scal", "none", "precision.loss_scal"),  # unknown key
 ])
 def test_bad_values_name_the_key(key, value, match):
