@@ -65,7 +65,12 @@ def get_config(arg=None):
         min_scale=1.0,
     ))
     # Device mesh sizes; -1 fills with the devices the other axes leave.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1, pipeline=1))
+    # rules: what each axis splits, presets joined by '+': dp (replicate parameters), zero1
+    # (optimizer state over data x fsdp), zero2 (+ gradients), zero3 (+ parameters), fsdp
+    # (parameters and optimizer state over fsdp only), tp (Megatron tensor slicing), sp
+    # (sequence parallelism of the residual stream over tensor); see lm/sharding.py.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1, pipeline=1,
+                                            rules="fsdp+tp"))
     # data.path: a directory from `python -m lm.data.prepare`; "" trains on the embedded corpus
     # (the stdlib's sources, prepared into WORKDIR/data with val_fraction held out).
     c.data = ml_collections.ConfigDict(dict(path="", val_fraction=0.02, shuffle=True, prefetch=2))

@@ -22,6 +22,8 @@ REMAT = ("none", "full", "dots", "minimal")
 LOSS_SCALE = ("auto", "dynamic", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence", "pipeline")
+# mesh.rules: presets joined with '+' (lm.sharding.layout): dp, zero1, zero2, zero3, fsdp, tp, sp.
+RULE_PARTS = ("dp", "zero1", "zero2", "zero3", "fsdp", "tp", "sp")
 
 
 class ConfigError(ValueError):
@@ -115,6 +117,7 @@ class MeshConfig:
     tensor: int = 1
     sequence: int = 1
     pipeline: int = 1
+    rules: str = "fsdp+tp"  # what is split over which axis: presets joined by '+' (see sharding)
 
     def shape(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in MESH_AXES}
@@ -314,6 +317,10 @@ def validate(run: RunConfig) -> None:
         _check(size == -1 or size >= 1, f"mesh.{axis}", f"must be >= 1 or -1 (fill), got {size}")
     _check(sum(s == -1 for s in run.mesh.shape().values()) <= 1, "mesh",
            "may have at most one axis set to -1")
+    parts = run.mesh.rules.split("+")
+    _check(all(p in RULE_PARTS for p in parts) and len(set(parts)) == len(parts), "mesh.rules",
+           f"must be presets from {list(RULE_PARTS)} joined by '+' (e.g. 'zero3+tp+sp'), got "
+           f"{run.mesh.rules!r}")
     _check(run.mesh.pipeline == 1, "mesh.pipeline",
            "must be 1: pipeline parallelism is not implemented yet")
 

@@ -7,6 +7,7 @@ parallelism of a run changes these two things, never the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -32,6 +33,83 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("positions", None),
     ("norm", None),
 )
+
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+ZERO_AXES = ("data", "fsdp")  # ZeRO shards over every data-parallel replica
+_TENSOR_NAMES = ("heads", "kv_heads", "mlp", "vocab")
+_ALL_NAMES = tuple(name for name, _ in RULES)
+REPLICATED: Rules = tuple((name, None) for name in _ALL_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What `mesh.rules` decides: where parameters, optimizer state (and master weights) and
+    activations live, and whether gradients are reduce-scattered to the optimizer's shards."""
+    params: Rules
+    opt: Rules
+    acts: Rules
+    scatter_grads: bool
+
+
+def layout(rules: str) -> Layout:
+    """The Layout of `mesh.rules`: presets joined by '+'.
+
+        dp     parameters and optimizer state replicated; the batch over data x fsdp
+        zero1  optimizer state (and master weights) sharded over data x fsdp on `embed`
+        zero2  zero1, and gradients reduce-scattered to those shards
+        zero3  zero2, and parameters sharded the same way (gathered per layer by XLA)
+        fsdp   parameters and optimizer state over the fsdp axis only (replicas over data)
+        tp     Megatron: heads, kv heads, mlp and vocab over tensor (QKV / MLP-in column-
+               parallel, attention-out / MLP-out row-parallel, vocab-parallel embedding/logits)
+        sp     the residual stream's sequence dimension over tensor as well as sequence
+    """
+    parts = set(rules.split("+"))
+    params: dict[str, object] = {n: None for n in _ALL_NAMES}
+    opt = dict(params)
+    acts = dict(RULES)
+    if parts & {"zero1", "zero2", "zero3"}:
+        opt["embed"] = ZERO_AXES
+    if "zero3" in parts:
+        params["embed"] = ZERO_AXES
+    if "fsdp" in parts:
+        params["embed"] = opt["embed"] = "fsdp"
+    if "tp" in parts:
+        for name in _TENSOR_NAMES:
+            params[name] = opt[name] = "tensor"
+    else:  # activations follow the parameters: nothing is split over tensor without tp
+        for name in _TENSOR_NAMES:
+            acts[name] = None
+    if "sp" in parts:
+        acts["length"] = ("sequence", "tensor")
+    return Layout(params=tuple(params.items()), opt=tuple(opt.items()), acts=tuple(acts.items()),
+                  scatter_grads=bool(parts & {"zero2", "zero3"}))
+
+
+def check_divisible(abstract_params, shardings, mesh: Mesh) -> None:
+    """A clear error when a mesh axis does not divide the dimension it shards."""
+    def check(path, leaf, named):
+        for dim, (size, axes) in enumerate(zip(leaf.shape, named.spec)):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = math.prod(mesh.shape[a] for a in axes)
+            if size % ways:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ConfigError(f"mesh: parameter {name} has size {size} in dimension {dim}, "
+                                  f"which mesh axes {axes} ({ways} devices) do not divide; "
+                                  "change the mesh, the model size or mesh.rules")
+    jax.tree_util.tree_map_with_path(check, abstract_params, shardings)
+
+
+def param_shardings(abstract_params, mesh: Mesh, rules: Rules):
+    """NamedShardings for (abstract) parameters from their logical names under `rules`, after
+    checking that every sharded dimension divides."""
+    from flax import nnx
+    names = nnx.get_partition_spec(abstract_params)
+    is_spec = lambda x: isinstance(x, P)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules)),
+                             names, is_leaf=is_spec)
+    check_divisible(abstract_params, shardings, mesh)
+    return shardings
 
 
 def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:

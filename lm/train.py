@@ -68,17 +68,19 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     check_finite = scaler.dynamic or run.train.skip_nonfinite
     k = run.train.microbatches
     make_model = lambda: Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed))
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
-        graphdef, abs_params = nnx.split(nnx.eval_shape(make_model))
-        param_sharding = nnx.get_named_sharding(abs_params, mesh)
+    lay = sharding.layout(run.mesh.rules)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.REPLICATED):
+        graphdef, abs_params = nnx.split(nnx.eval_shape(make_model))  # shapes only
+    param_sharding = sharding.param_shardings(abs_params, mesh, lay.params)
+    opt_param_sharding = sharding.param_shardings(abs_params, mesh, lay.opt)
     replicated = NamedSharding(mesh, P())
     to_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
     abs_opt_params = jax.eval_shape(to_f32, abs_params) if master else abs_params
     opt_sharding = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, abs_opt_params), param_sharding,
+        tx, lambda _, s: s, jax.eval_shape(tx.init, abs_opt_params), opt_param_sharding,
         transform_non_params=lambda _: replicated)
     if master:
-        opt_sharding = {"master": param_sharding, "tx": opt_sharding}
+        opt_sharding = {"master": opt_param_sharding, "tx": opt_sharding}
     state_sharding = {"step": replicated, "params": param_sharding, "opt_state": opt_sharding,
                       "loss_scale": jax.tree.map(lambda _: replicated, scaler.init())}
     batch_axes = sharding.batch_sharding(mesh).spec[0]
@@ -116,8 +118,14 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
         return loss / scale, jax.tree.map(lambda g: g / scale, grads)
 
     def train_step(state, batch_bt):
+        with nnx.logical_axis_rules(lay.acts):  # the model's activation constraints
+            return _train_step(state, batch_bt)
+
+    def _train_step(state, batch_bt):
         params, opt_state, ls = state["params"], state["opt_state"], state["loss_scale"]
         loss, grads = grads_and_loss(params, batch_bt, ls["scale"])
+        if lay.scatter_grads:  # ZeRO-2/3: each replica keeps only its shard of the gradients
+            grads = jax.lax.with_sharding_constraint(grads, opt_param_sharding)
         if master:
             updates, tx_state = tx.update(grads, opt_state["tx"], opt_state["master"])
             masters = optax.apply_updates(opt_state["master"], updates)
@@ -138,6 +146,10 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
                 "loss_scale": new_ls}, metrics
 
     def eval_step(params, batch_bt):
+        with nnx.logical_axis_rules(lay.acts):
+            return _eval_step(params, batch_bt)
+
+    def _eval_step(params, batch_bt):
         """The mean loss, in the same microbatches as training (the same peak memory)."""
         if k == 1:
             return loss_fn(graphdef, params, batch_bt)

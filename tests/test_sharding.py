@@ -80,3 +80,92 @@ def test_every_layout_trains_to_the_same_losses(style):
     for name, out in losses.items():
         np.testing.assert_allclose(out, losses["single"], rtol=2e-5, err_msg=name)
     assert losses["single"][2] < losses["single"][0]  # and it is actually training
+
+
+# ---------------------------------------------------------------------------------------------
+# mesh.rules presets: every preset on every mesh trains the single-device model
+
+PRESETS = ["dp", "zero1", "zero2", "zero3", "fsdp", "tp", "tp+sp", "fsdp+tp"]
+MESHES = {"data8": dict(data=8), "fsdp8": dict(data=1, fsdp=8),
+          "tensor2_fsdp4": dict(data=1, fsdp=4, tensor=2),
+          "2x2x2": dict(data=2, fsdp=2, tensor=2), "tensor4_seq2": dict(data=1, tensor=4,
+                                                                         sequence=2)}
+
+
+def three_steps(run, mesh):
+    batches = [jax.random.randint(jax.random.key(i), (8, 33), 0, 256) for i in range(3)]
+    with jax.set_mesh(mesh):
+        trainer = train.build(run, mesh)
+        state = trainer.init()
+        losses = []
+        for b in batches:
+            state, metrics = trainer.train_step(state, jax.device_put(
+                b, sharding.batch_sharding(mesh)))
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"]), trainer, state
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    run = small_run(**{"train.steps": 3, "optim.warmup_steps": 1, "optim.lr": 1e-2})
+    mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    return three_steps(run, mesh)[:2]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_on_every_mesh_trains_the_same_model(preset, single_device):
+    want_losses, want_params = single_device
+    for name, shape in MESHES.items():
+        run = small_run(**{"train.steps": 3, "optim.warmup_steps": 1, "optim.lr": 1e-2,
+                           "mesh.rules": preset})
+        losses, params, _, _ = three_steps(run, sharding.make_mesh(MeshConfig(**shape)))
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-5, err_msg=f"{preset} {name}")
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
+                                                             err_msg=f"{preset} {name}"),
+                     params, want_params)
+
+
+def leaf_specs(tree) -> dict[str, str]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): str(leaf.sharding.spec) for path, leaf in flat
+            if hasattr(leaf, "sharding") and leaf.ndim > 0}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_golden_shardings_of_every_parameter_and_optimizer_leaf(preset, root):
+    """The actual .sharding.spec of every parameter and optimizer-state leaf on a
+    (data 2, fsdp 2, tensor 2) mesh, against tests/golden/ (LM_UPDATE_GOLDEN=1 rewrites)."""
+    import json
+    import os
+    run = small_run(**{"mesh.rules": preset})
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    with jax.set_mesh(mesh):
+        state = train.build(run, mesh).init()
+    got = {"params": leaf_specs(state["params"]), "opt_state": leaf_specs(state["opt_state"])}
+    path = os.path.join(root, "tests", "golden", f"shardings-{preset.replace('+', '_')}.json")
+    if os.environ.get("LM_UPDATE_GOLDEN"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(got, f, indent=1, sort_keys=True)
+    with open(path) as f:
+        assert got == json.load(f)
+
+
+def test_fsdp_leaves_no_large_parameter_replicated():
+    run = small_run(**{"mesh.rules": "fsdp"})
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8))
+    with jax.set_mesh(mesh):
+        state = train.build(run, mesh).init()
+    leaves = jax.tree.leaves(state["params"])
+    total = sum(x.size for x in leaves)
+    replicated = [x.shape for x in leaves if x.sharding.is_fully_replicated and
+                  x.size > 0.01 * total]
+    assert not replicated, replicated
+
+
+def test_a_mesh_axis_that_does_not_divide_is_a_clear_error():
+    from lm.config import ConfigError
+    run = small_run(**{"model.style": "llama", "model.num_kv_heads": 2, "mesh.rules": "tp"})
+    mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
+    with pytest.raises(ConfigError, match="kv_heads|size 2"):
+        train.build(run, mesh)
