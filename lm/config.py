@@ -321,8 +321,6 @@ def validate(run: RunConfig) -> None:
     _check(all(p in RULE_PARTS for p in parts) and len(set(parts)) == len(parts), "mesh.rules",
            f"must be presets from {list(RULE_PARTS)} joined by '+' (e.g. 'zero3+tp+sp'), got "
            f"{run.mesh.rules!r}")
-    _check(run.mesh.pipeline == 1, "mesh.pipeline",
-           "must be 1: pipeline parallelism is not implemented yet")
 
     _check(0 < run.data.val_fraction < 0.5, "data.val_fraction",
            f"must be in (0, 0.5), got {run.data.val_fraction}")

@@ -1,0 +1,20 @@
+"""GPT-3 175B (Brown et al. 2020) with the layout the talk cites for 1,024 GPUs: tensor 8 within
+a node x pipeline 16 x data 8, Megatron-style (distributed optimizer = zero1, tensor slicing),
+fp16 with fp32 master weights, full remat, batch 1,536 x 2,048 tokens. For `lm.plan`
+(training it needs the pipeline schedule):
+
+    python -m lm.plan --config configs/gpt3_175b.py
+"""
+from configs import base
+
+
+def get_config(arg=None):
+    del arg
+    c = base.get_config()
+    c.model.update(style="gpt2", num_layers=96, d_model=12288, num_heads=96, num_kv_heads=96,
+                   mlp_dim=49152, vocab_size=50257, max_len=2048, remat="full")
+    c.train.update(batch_size=1536, seq_len=2048, microbatches=192)
+    c.precision.update(param_dtype="float16", compute_dtype="float16", master_weights=True)
+    c.optim.update(lr=6e-5, warmup_steps=375)
+    c.mesh.update(data=8, fsdp=1, tensor=8, sequence=1, pipeline=16, rules="zero1+tp")
+    return c

@@ -1,0 +1,210 @@
+"""`python -m lm.plan --config CFG [--config.a.b=V ...] [--devices N] [--json] [--compile]`
+
+Per-device memory, FLOPs and communication of one train step, for any mesh: the model is built
+abstractly (`nnx.eval_shape`), so a 175B model on 1,024 GPUs plans on a laptop.
+
+Accounting (bytes per device):
+- params: each parameter / the devices its `mesh.rules` shard it over (x pipeline stages for the
+  stacked layers), in `precision.param_dtype`;
+- grads: the same in the parameter dtype, sharded like the optimizer state under zero2/zero3
+  (ZeRO's accounting: 2 bytes per parameter in fp16);
+- optimizer: float32 master weights (`precision.master_weights`) + the optimizer's moments (Adam,
+  LAMB: 2; SGD, LARS: 1 momentum) in float32 with masters, else in the parameter dtype, sharded
+  by the optimizer-state rules. fp16 + masters + Adam = 2 + 2 + 12 bytes per parameter;
+- activations: what the backward keeps per layer, Korthikanti et al. 2022 (sbh(10 + 24/t +
+  5as/(ht)) bytes at 16 bits without remat; 2sbh with full remat; sequence parallelism divides
+  the 10 by t), scaled to the compute dtype, for one microbatch and the layers of one stage,
+  plus the float32 logits and their gradient;
+- FLOPs: 6 x matmul parameters + 12 L T d per token (PaLM's convention), for the global batch;
+- communication, bytes each device sends per step with ring collectives: gradient all-reduce
+  2P(n-1)/n over the data-parallel replicas (zero3 and fsdp: 3P, parameters gathered in forward
+  and backward), 4 all-reduces of the block's activations per layer over `tensor` (6 with full
+  remat), one activation per microbatch and direction over `pipeline`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import jax
+from flax import nnx
+
+from lm import sharding
+from lm.config import ConfigError, RunConfig, from_config_dict, load_config_file, override
+from lm.model import Transformer
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MOMENTS = {"adamw": 2, "lamb": 2, "nvlamb": 2, "lars": 1, "sgd": 1}
+GB = 1e9
+
+
+def _ways(spec, shape: dict[str, int]) -> int:
+    out = 1
+    for axes in spec:
+        for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+            out *= shape[a]
+    return out
+
+
+def plan(run: RunConfig, devices: int) -> dict:
+    m, t = run.model, run.train
+    shape = sharding.resolve_mesh_shape(run.mesh, devices)
+    lay = sharding.layout(run.mesh.rules)
+    with nnx.logical_axis_rules(sharding.REPLICATED):
+        abstract = nnx.state(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))
+    names = jax.tree.leaves(nnx.get_partition_spec(abstract),
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    sizes = [x.size for x in jax.tree.leaves(abstract)]
+    n_params = sum(sizes)
+    pb = BYTES[m.param_dtype]
+    master = run.precision.master_weights
+    moments = MOMENTS[run.optim.name] - (run.optim.name in ("sgd", "lars") and
+                                         run.optim.momentum == 0)
+    state_elem = (4 if master else 0) + (4 if master else pb) * moments
+    params_b = grads_b = opt_b = 0.0
+    for spec_names, size in zip(names, sizes):
+        stages = shape["pipeline"] if "layers" in tuple(spec_names) else 1
+        p_ways = _ways(sharding.logical_to_spec(tuple(spec_names), lay.params), shape) * stages
+        o_ways = _ways(sharding.logical_to_spec(tuple(spec_names), lay.opt), shape) * stages
+        params_b += size * pb / p_ways
+        grads_b += size * pb / (o_ways if lay.scatter_grads else p_ways)
+        opt_b += size * state_elem / o_ways
+
+    # Activations of one microbatch, for this device's layers.
+    data_ways = shape["data"] * shape["fsdp"]
+    b = t.batch_size / data_ways / t.microbatches
+    s, h, a, L = t.seq_len, m.d_model, m.num_heads, m.num_layers / shape["pipeline"]
+    tp, sp = shape["tensor"], shape["sequence"]
+    scale = BYTES[m.compute_dtype] / 2
+    seq_par = "sp" in run.mesh.rules.split("+")
+    if m.remat == "full":
+        per_layer = 2 * s * b * h / (tp if seq_par else 1)
+    else:
+        shared = 10 / tp if seq_par else 10
+        per_layer = s * b * h * (shared + 24 / tp + 5 * a * s / (h * tp))
+        if m.remat in ("dots", "minimal"):  # roughly: the layer input plus what they keep
+            kept = (9 + 1) / tp if m.remat == "dots" else 1 / tp
+            per_layer = s * b * h * (2 + 2 * kept)
+    vocab_ways = tp if "tp" in run.mesh.rules.split("+") else 1
+    logits = 2 * b * s * m.vocab_size * 4 / vocab_ways
+    acts_b = (per_layer * L * scale + logits) / sp
+
+    lookup = m.max_len * h if m.style == "gpt2" else m.vocab_size * h  # free: not a matmul
+    matmul = n_params - lookup
+    flops = (6 * matmul + 12 * m.num_layers * s * h) * t.batch_size * s
+
+    # Communication per step, bytes sent by one device.
+    comm = {axis: 0.0 for axis in shape}
+    parts = set(run.mesh.rules.split("+"))
+    p_local = params_b  # this device's share of the parameters
+    grad_factor = 3 if parts & {"zero3", "fsdp"} else 2
+    d, f = shape["data"], shape["fsdp"]
+    if "fsdp" in parts:  # sharded over fsdp, replicated over data
+        comm["fsdp"] += grad_factor * p_local * f * (f - 1) / f
+        comm["data"] += 2 * p_local * (d - 1) / d
+    else:  # one group of d x f replicas: fsdp inner ring, data outer
+        full = p_local * (d * f if "zero3" in parts else 1)
+        comm["fsdp"] += grad_factor * full * (f - 1) / f
+        comm["data"] += grad_factor * full / f * (d - 1) / d
+    act_bytes = b * s * h * BYTES[m.compute_dtype]
+    reduces = 6 if m.remat == "full" else 4
+    comm["tensor"] = reduces * L * act_bytes * 2 * (tp - 1) / tp * t.microbatches
+    comm["pipeline"] = (2 * act_bytes * t.microbatches if shape["pipeline"] > 1 else 0.0)
+    comm["sequence"] = (2 * L * act_bytes * m.num_kv_heads / a * (sp - 1) * t.microbatches
+                        if sp > 1 else 0.0)
+    stages, micro = shape["pipeline"], t.microbatches
+    return {
+        "mesh": shape, "rules": run.mesh.rules, "devices": devices, "params": n_params,
+        "params_bytes": params_b, "grads_bytes": grads_b, "optimizer_bytes": opt_b,
+        "state_bytes": params_b + grads_b + opt_b, "activations_bytes": acts_b,
+        "total_bytes": params_b + grads_b + opt_b + acts_b,
+        "flops_per_step": flops, "flops_per_device": flops / devices,
+        # Hardware FLOPs: full remat runs each layer's forward twice (8N instead of 6N).
+        "flops_with_recompute": flops * (8 / 6 if m.remat == "full" else 1.0),
+        "state_bytes_unsharded": n_params * (2 * pb + state_elem),
+        "comm_bytes": comm,
+        "pipeline_bubble": (stages - 1) / (micro + stages - 1) if stages > 1 else 0.0,
+    }
+
+
+def compiled_memory(run: RunConfig) -> dict:
+    """XLA's memory analysis of the real train step on this machine's devices (fake CPU devices
+    count), for the same config: arguments (state + batch) and temporaries."""
+    from lm import train
+    mesh = sharding.make_mesh(run.mesh)
+    with jax.set_mesh(mesh):
+        trainer = train.build(run, mesh)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(trainer.init), trainer.state_sharding)
+        tokens = jax.ShapeDtypeStruct((run.train.batch_size, run.train.seq_len + 1), "int32",
+                                      sharding=sharding.batch_sharding(mesh))
+        ma = trainer.train_step.lower(abstract, tokens).compile().memory_analysis()
+    return {"arguments_bytes": ma.argument_size_in_bytes, "temp_bytes": ma.temp_size_in_bytes,
+            "total_bytes": ma.argument_size_in_bytes + ma.temp_size_in_bytes}
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"{p['params']:,} parameters on {p['devices']} devices, mesh "
+             f"{ {k: v for k, v in p['mesh'].items() if v > 1} or 'single device'}, "
+             f"rules {p['rules']}",
+             "per device:"]
+    for key in ("params", "grads", "optimizer", "state", "activations", "total"):
+        lines.append(f"  {key:<12} {p[key + '_bytes'] / GB:10.3f} GB")
+    lines.append(f"training state, unsharded: {p['state_bytes_unsharded'] / GB:,.1f} GB")
+    lines.append(f"FLOPs per step {p['flops_per_step']:.3e} ({p['flops_per_device']:.3e} per "
+                 f"device; {p['flops_with_recompute']:.3e} with remat recomputation)")
+    comm = ", ".join(f"{k} {v / GB:.3f} GB" for k, v in p["comm_bytes"].items() if v)
+    lines.append(f"sent per device per step: {comm or 'nothing'}")
+    if p["pipeline_bubble"]:
+        lines.append(f"pipeline bubble {p['pipeline_bubble']:.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lm.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    parser.add_argument("--devices", type=int, help="devices to plan for (default: the mesh's "
+                        "product, or this machine's devices when an axis is -1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compile the step here and print XLA's memory analysis")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        flat = {}
+        for o in overrides:
+            if not o.startswith("--config.") or "=" not in o:
+                raise ConfigError(f"unexpected argument {o!r}; overrides are --config.a.b=VALUE")
+            key, _, value = o[len("--config."):].partition("=")
+            flat[key] = _parse(value)
+        run = from_config_dict(override(load_config_file(args.config), **flat))
+        sizes = run.mesh.shape().values()
+        devices = args.devices or (math.prod(sizes) if -1 not in sizes else jax.device_count())
+        result = plan(run, devices)
+        if args.compile:
+            result["xla"] = compiled_memory(run)
+    except ConfigError as e:
+        print(f"lm.plan: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_plan(result))
+        if "xla" in result:
+            x = result["xla"]
+            print(f"XLA (compiled here): arguments {x['arguments_bytes'] / GB:.3f} GB + temp "
+                  f"{x['temp_bytes'] / GB:.3f} GB = {x['total_bytes'] / GB:.3f} GB")
+
+
+def _parse(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "True": True, "False": False}.get(value, value)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""lm.plan: the talk's and the ZeRO paper's arithmetic, and agreement with XLA where it compiles."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from lm import plan
+from lm.config import from_config_dict, load_config_file, override
+
+GB = 1e9
+
+
+def load(name, **flat):
+    return from_config_dict(override(load_config_file(os.path.join(ROOT, "configs", name)),
+                                     **flat))
+
+
+def test_fp16_adam_with_master_weights_is_16_bytes_per_parameter():
+    run = load("llama_1b.py", **{"precision.param_dtype": "float16", "mesh.data": 1,
+                                 "precision.master_weights": True, "mesh.rules": "dp"})
+    p = plan.plan(run, devices=1)
+    assert p["state_bytes"] == 16 * p["params"]  # 2 + 2 + (4 + 4 + 4)
+    assert p["params_bytes"] == p["grads_bytes"] == 2 * p["params"]
+
+
+@pytest.mark.parametrize("rules,paper_gb", [("dp", 120), ("zero1", 31.4), ("zero2", 16.6),
+                                            ("zero3", 1.9)])
+def test_zero_paper_7b5_on_64_devices(rules, paper_gb):
+    p = plan.plan(load("zero_7b5.py", **{"mesh.rules": rules}), devices=64)
+    assert p["params"] == pytest.approx(7.5e9, rel=0.01)
+    assert p["state_bytes"] / GB == pytest.approx(paper_gb, rel=0.03)
+
+
+def test_gpt3_175b_on_1024_gpus():
+    p = plan.plan(load("gpt3_175b.py"), devices=1024)
+    assert p["mesh"] == {"data": 8, "fsdp": 1, "tensor": 8, "sequence": 1, "pipeline": 16}
+    assert p["params"] == pytest.approx(175e9, rel=0.01)
+    assert p["flops_with_recompute"] == pytest.approx(4.5e18, rel=0.03)  # the talk: 4.5 EFLOP
+    assert p["state_bytes_unsharded"] == pytest.approx(2.8e12, rel=0.03)  # ~2.8 TB in fp16
+    assert p["pipeline_bubble"] == pytest.approx(15 / (192 + 15))
+    assert p["total_bytes"] < 80 * GB  # fits an 80 GB GPU
+    assert p["comm_bytes"]["tensor"] > p["comm_bytes"]["pipeline"] > p["comm_bytes"]["data"] > 0
+
+
+def test_estimate_is_within_15_percent_of_xla_for_the_default_rules():
+    run = load("tiny.py", **{"mesh.data": 8, "train.batch_size": 16})
+    estimate = plan.plan(run, devices=8)["total_bytes"]
+    compiled = plan.compiled_memory(run)["total_bytes"]
+    assert estimate == pytest.approx(compiled, rel=0.15), (estimate, compiled)
+
+
+def test_command_line_json_and_errors():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "lm.plan", "--config", os.path.join(ROOT, "configs/zero_7b5.py"),
+           "--devices", "64", "--config.mesh.rules=zero2", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)
+    for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes",
+                "total_bytes", "flops_per_step", "comm_bytes"):
+        assert key in p
+    assert set(p["comm_bytes"]) == {"data", "fsdp", "tensor", "sequence", "pipeline"}
+    bad = subprocess.run(cmd[:-2] + ["--config.mesh.rules=zero4"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "mesh.rules" in bad.stderr and "Traceback" not in bad.stderr
