@@ -118,6 +118,13 @@ class MeshConfig:
     sequence: int = 1
     pipeline: int = 1
     rules: str = "fsdp+tp"  # what is split over which axis: presets joined by '+' (see sharding)
+    # Across nodes (DCN / InfiniBand): each axis's total size is its ICI size x its DCN size.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_pipeline: int = 1
+
+    def dcn_shape(self) -> dict[str, int]:
+        return {a: getattr(self, f"dcn_{a}", 1) for a in MESH_AXES}
 
     def shape(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in MESH_AXES}
@@ -317,6 +324,9 @@ def validate(run: RunConfig) -> None:
         _check(size == -1 or size >= 1, f"mesh.{axis}", f"must be >= 1 or -1 (fill), got {size}")
     _check(sum(s == -1 for s in run.mesh.shape().values()) <= 1, "mesh",
            "may have at most one axis set to -1")
+    for axis in ("data", "fsdp", "pipeline"):
+        size = getattr(run.mesh, f"dcn_{axis}")
+        _check(size >= 1, f"mesh.dcn_{axis}", f"must be >= 1, got {size}")
     parts = run.mesh.rules.split("+")
     _check(all(p in RULE_PARTS for p in parts) and len(set(parts)) == len(parts), "mesh.rules",
            f"must be presets from {list(RULE_PARTS)} joined by '+' (e.g. 'zero3+tp+sp'), got "

@@ -113,7 +113,18 @@ def param_shardings(abstract_params, mesh: Mesh, rules: Rules):
 
 
 def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Sizes for every mesh axis, with a -1 filled from `num_devices`; errors name the key."""
+    """Total size of every mesh axis (ICI x DCN), with a -1 filled; errors name the key."""
+    dcn = cfg.dcn_shape()
+    nodes = math.prod(dcn.values())
+    if num_devices % nodes:
+        raise ConfigError(f"mesh: the DCN axes ({dcn}) ask for {nodes} slices, which do not "
+                          f"divide the {num_devices} devices")
+    ici = resolve_ici_shape(cfg, num_devices // nodes)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def resolve_ici_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Sizes of the axes within a slice (node), with a -1 filled from `num_devices`."""
     shape = cfg.shape()
     fixed = math.prod(s for s in shape.values() if s != -1)
     fill = [a for a, s in shape.items() if s == -1]
@@ -133,6 +144,18 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(cfg, len(devices))
     sizes = tuple(shape[a] for a in MESH_AXES)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    dcn = cfg.dcn_shape()
+    if math.prod(dcn.values()) > 1:
+        # Hybrid: the DCN axes step across slices (one per process, i.e. per node or host), so
+        # only data / fsdp / pipeline traffic crosses the slow links.
+        from jax.experimental import mesh_utils
+        nodes = math.prod(dcn.values())
+        ici = resolve_ici_shape(cfg, len(devices) // nodes)
+        grid = mesh_utils.create_hybrid_device_mesh(
+            tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES), devices,
+            process_is_granule=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if devices == jax.devices():
         return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,

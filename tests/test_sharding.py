@@ -208,3 +208,39 @@ def test_a_tensor_parallel_layer_compiles_to_megatrons_collectives(style):
     assert 1 <= count("all-reduce") <= 4, count("all-reduce")
     for op in ("all-gather", "reduce-scatter", "all-to-all", "collective-permute"):
         assert count(op) == 0, (op, count(op))
+
+
+def test_hybrid_mesh_puts_the_dcn_axis_across_processes(tmp_path, root):
+    """mesh.dcn_data=2 over two jax.distributed processes (4 CPU devices each): the data axis
+    steps across processes, fsdp stays inside each; a sharded sum crosses both."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": root,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "multihost_mesh.py"),
+                               str(i), str(port), str(tmp_path)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out
+    for i in range(2):
+        got = json.loads((tmp_path / f"mesh{i}.json").read_text())
+        assert got["shape"]["data"] == 2 and got["shape"]["fsdp"] == 4
+        grid = np.array(got["processes"]).reshape(2, 4)  # (data, fsdp); other axes are 1
+        assert (grid[0] == grid[0, 0]).all() and (grid[1] == grid[1, 0]).all()
+        assert grid[0, 0] != grid[1, 0]
+        assert got["sum"] == sum(range(8))
+
+
+def test_dcn_axes_must_divide_the_devices():
+    with pytest.raises(ConfigError, match="DCN"):
+        sharding.resolve_mesh_shape(MeshConfig(data=-1, dcn_data=3), 8)
+    assert sharding.resolve_mesh_shape(MeshConfig(data=-1, fsdp=2, dcn_data=2), 8) == \
+        {"data": 4, "fsdp": 2, "tensor": 1, "sequence": 1, "pipeline": 1}
