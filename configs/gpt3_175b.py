@@ -1,5 +1,5 @@
-"""GPT-3 175B (Brown et al. 2020) with the layout the talk cites for 1,024 GPUs: tensor 8 within
-a node x pipeline 16 x data 8, Megatron-style (distributed optimizer = zero1, tensor slicing),
+"""GPT-3 175B (Brown et al. 2020) with the layout the talk cites for 1,024 GPUs (128 nodes of
+8): tensor 8 within a node (NVLink), pipeline 16 x data 8 across nodes (InfiniBand), Megatron-style (distributed optimizer = zero1, tensor slicing),
 fp16 with fp32 master weights, full remat, batch 1,536 x 2,048 tokens. For `lm.plan`
 (training it needs the pipeline schedule):
 
@@ -16,5 +16,6 @@ def get_config(arg=None):
     c.train.update(batch_size=1536, seq_len=2048, microbatches=192)
     c.precision.update(param_dtype="float16", compute_dtype="float16", master_weights=True)
     c.optim.update(lr=6e-5, warmup_steps=375)
-    c.mesh.update(data=8, fsdp=1, tensor=8, sequence=1, pipeline=16, rules="zero1+tp")
+    c.mesh.update(data=1, fsdp=1, tensor=8, sequence=1, pipeline=1, rules="zero1+tp",
+                  dcn_data=8, dcn_pipeline=16)
     return c

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             flat[key] = _parse(value)
         run = from_config_dict(override(load_config_file(args.config), **flat))
         sizes = run.mesh.shape().values()
-        devices = args.devices or (math.prod(sizes) if -1 not in sizes else jax.device_count())
+        devices = args.devices or (math.prod(sizes) * math.prod(run.mesh.dcn_shape().values())
+                                   if -1 not in sizes else jax.device_count())
         result = plan(run, devices)
         if args.compile:
             result["xla"] = compiled_memory(run)

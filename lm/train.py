@@ -177,7 +177,7 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
         raise ConfigError(f"--workdir {workdir} already holds checkpoints "
                           f"({sorted(os.listdir(ckpt_dir))}); resuming is not supported yet: "
                           "choose a new --workdir")
-    if run.mesh.pipeline != 1:  # lm.plan accepts it; the schedule is the pipeline issue's
+    if run.mesh.pipeline * run.mesh.dcn_pipeline != 1:  # lm.plan accepts it; the schedule is the pipeline issue's
         raise ConfigError("'mesh.pipeline' must be 1 to train: pipeline parallelism is not "
                           "implemented yet (python -m lm.plan can plan it)")
     mesh = sharding.make_mesh(run.mesh)

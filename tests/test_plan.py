@@ -63,6 +63,10 @@ def test_command_line_json_and_errors():
                 "total_bytes", "flops_per_step", "comm_bytes"):
         assert key in p
     assert set(p["comm_bytes"]) == {"data", "fsdp", "tensor", "sequence", "pipeline"}
+    gpt3 = subprocess.run([sys.executable, "-m", "lm.plan", "--config",
+                           os.path.join(ROOT, "configs/gpt3_175b.py")], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert gpt3.returncode == 0 and "on 1024 devices" in gpt3.stdout, gpt3.stderr
     bad = subprocess.run(cmd[:-2] + ["--config.mesh.rules=zero4"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "mesh.rules" in bad.stderr and "Traceback" not in bad.stderr
