@@ -54,8 +54,9 @@ def plan(run: RunConfig, devices: int) -> dict:
     lay = sharding.layout(run.mesh.rules)
     with nnx.logical_axis_rules(sharding.REPLICATED):
         abstract = nnx.state(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))
-    names = jax.tree.leaves(nnx.get_partition_spec(abstract),
-                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    with nnx.logical_axis_rules(()):  # the names as written
+        names = jax.tree.leaves(nnx.get_partition_spec(abstract),
+                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     sizes = [x.size for x in jax.tree.leaves(abstract)]
     n_params = sum(sizes)
     pb = BYTES[m.param_dtype]

@@ -104,7 +104,8 @@ def param_shardings(abstract_params, mesh: Mesh, rules: Rules):
     """NamedShardings for (abstract) parameters from their logical names under `rules`, after
     checking that every sharded dimension divides."""
     from flax import nnx
-    names = nnx.get_partition_spec(abstract_params)
+    with nnx.logical_axis_rules(()):  # the logical names as written, whatever rules are active
+        names = nnx.get_partition_spec(abstract_params)
     is_spec = lambda x: isinstance(x, P)
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules)),
                              names, is_leaf=is_spec)
