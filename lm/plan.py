@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import jax
@@ -170,8 +171,14 @@ def main(argv: list[str] | None = None) -> None:
                         "product, or this machine's devices when an axis is -1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--compile", action="store_true",
-                        help="also compile the step here and print XLA's memory analysis")
+                        help="also compile the step on --devices fake CPU devices and print "
+                        "XLA's memory analysis beside the estimate (small models)")
     args, overrides = parser.parse_known_args(argv)
+    if args.compile and args.devices:
+        # Fake that many CPU devices (before jax starts its backend) to compile the real step.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}")
+        os.environ["JAX_PLATFORMS"] = "cpu"
     try:
         flat = {}
         for o in overrides:

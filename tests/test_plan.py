@@ -63,6 +63,11 @@ def test_command_line_json_and_errors():
                 "total_bytes", "flops_per_step", "comm_bytes"):
         assert key in p
     assert set(p["comm_bytes"]) == {"data", "fsdp", "tensor", "sequence", "pipeline"}
+    tiny = subprocess.run([sys.executable, "-m", "lm.plan", "--config",
+                           os.path.join(ROOT, "configs/tiny.py"), "--devices", "4",
+                           "--config.mesh.data=4", "--compile"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert tiny.returncode == 0 and "XLA (compiled here)" in tiny.stdout, tiny.stderr
     gpt3 = subprocess.run([sys.executable, "-m", "lm.plan", "--config",
                            os.path.join(ROOT, "configs/gpt3_175b.py")], capture_output=True,
                           text=True, env=env, timeout=120)
