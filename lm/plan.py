@@ -41,23 +41,14 @@ MOMENTS = {"adamw": 2, "lamb": 2, "nvlamb": 2, "lars": 1, "sgd": 1}
 GB = 1e9
 
 
-def _ways(spec, shape: dict[str, int]) -> int:
-    out = 1
-    for axes in spec:
-        for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
-            out *= shape[a]
-    return out
-
-
 def plan(run: RunConfig, devices: int) -> dict:
     m, t = run.model, run.train
     shape = sharding.resolve_mesh_shape(run.mesh, devices)
     lay = sharding.layout(run.mesh.rules)
     with nnx.logical_axis_rules(sharding.REPLICATED):
         abstract = nnx.state(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))
-    with nnx.logical_axis_rules(()):  # the names as written
-        names = jax.tree.leaves(nnx.get_partition_spec(abstract),
-                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    names = jax.tree.leaves(sharding.logical_names(abstract),
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     sizes = [x.size for x in jax.tree.leaves(abstract)]
     n_params = sum(sizes)
     pb = BYTES[m.param_dtype]
@@ -68,8 +59,10 @@ def plan(run: RunConfig, devices: int) -> dict:
     params_b = grads_b = opt_b = 0.0
     for spec_names, size in zip(names, sizes):
         stages = shape["pipeline"] if "layers" in tuple(spec_names) else 1
-        p_ways = _ways(sharding.logical_to_spec(tuple(spec_names), lay.params), shape) * stages
-        o_ways = _ways(sharding.logical_to_spec(tuple(spec_names), lay.opt), shape) * stages
+        p_ways = sharding.devices_along(
+            sharding.logical_to_spec(tuple(spec_names), lay.params), shape) * stages
+        o_ways = sharding.devices_along(
+            sharding.logical_to_spec(tuple(spec_names), lay.opt), shape) * stages
         params_b += size * pb / p_ways
         grads_b += size * pb / (o_ways if lay.scatter_grads else p_ways)
         opt_b += size * state_elem / o_ways

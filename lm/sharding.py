@@ -90,8 +90,7 @@ def check_divisible(abstract_params, shardings, mesh: Mesh) -> None:
     """A clear error when a mesh axis does not divide the dimension it shards."""
     def check(path, leaf, named):
         for dim, (size, axes) in enumerate(zip(leaf.shape, named.spec)):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            ways = math.prod(mesh.shape[a] for a in axes)
+            ways = devices_along(P(axes), mesh.shape)
             if size % ways:
                 name = "/".join(str(getattr(k, "key", k)) for k in path)
                 raise ConfigError(f"mesh: parameter {name} has size {size} in dimension {dim}, "
@@ -100,15 +99,25 @@ def check_divisible(abstract_params, shardings, mesh: Mesh) -> None:
     jax.tree_util.tree_map_with_path(check, abstract_params, shardings)
 
 
+def logical_names(params):
+    """The parameters' logical axis names as written in the model (a tree of PartitionSpecs of
+    names), whatever rules are active."""
+    from flax import nnx
+    with nnx.logical_axis_rules(()):
+        return nnx.get_partition_spec(params)
+
+
+def devices_along(spec: P, shape) -> int:
+    """How many devices the mesh axes of `spec` split an array over (`shape`: axis -> size)."""
+    return math.prod(shape[a] for axes in spec
+                     for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())))
+
+
 def param_shardings(abstract_params, mesh: Mesh, rules: Rules):
     """NamedShardings for (abstract) parameters from their logical names under `rules`, after
     checking that every sharded dimension divides."""
-    from flax import nnx
-    with nnx.logical_axis_rules(()):  # the logical names as written, whatever rules are active
-        names = nnx.get_partition_spec(abstract_params)
-    is_spec = lambda x: isinstance(x, P)
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules)),
-                             names, is_leaf=is_spec)
+                             logical_names(abstract_params), is_leaf=lambda x: isinstance(x, P))
     check_divisible(abstract_params, shardings, mesh)
     return shardings
 

@@ -217,7 +217,7 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
                       f"train.eval_batches={t.eval_batches}")
     ckpt = Checkpointer(workdir, keep=run.checkpoint.keep)
     lr = schedule(run.optim, t.steps)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+    with jax.set_mesh(mesh):  # build() sets the rules of mesh.rules inside its jitted functions
         trainer = build(run, mesh)
         state = trainer.init()
         tracker.write(f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "

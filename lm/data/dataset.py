@@ -3,7 +3,6 @@ token shards, one flat stream per split."""
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import threading
@@ -11,7 +10,7 @@ import threading
 import numpy as np
 
 from lm.data import tokenizer as tokenizers
-from lm.data.prepare import FORMAT, MANIFEST, PLAN
+from lm.data.prepare import FORMAT, MANIFEST, PLAN, file_sha256
 
 
 class TokenStream:
@@ -105,7 +104,5 @@ class Dataset:
         for split in self.manifest["splits"].values():
             for shard in split["shards"]:
                 p = os.path.join(self.path, shard["file"])
-                with open(p, "rb") as f:
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
-                if digest != shard["sha256"]:
+                if file_sha256(p) != shard["sha256"]:
                     raise ValueError(f"shard {p} does not match its checksum in {MANIFEST}")

@@ -576,13 +576,13 @@ def _finished_units(out: str) -> list[dict]:
         intact = True
         for shard in result["shards"].values():
             path = os.path.join(out, shard["file"])
-            intact &= os.path.exists(path) and _file_sha256(path) == shard["sha256"]
+            intact &= os.path.exists(path) and file_sha256(path) == shard["sha256"]
         if intact:
             done.append(result)
     return done
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(16 * _MB):
