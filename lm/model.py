@@ -20,6 +20,9 @@ Shapes: B batch, T length, D d_model, N heads, K kv heads, H head_dim, F mlp, V 
 """
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,34 +51,42 @@ def _param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], names: tup
                      eager_sharding=False)
 
 
-@jax.custom_vjp
-def dense(x: Float[Array, "... I"], w: Float[Array, "I O"]) -> Float[Array, "... O"]:
-    """x @ w, whose backward writes the weight gradient as x^T @ dy.
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: Float[Array, "... I"], w: Float[Array, "I O"], n_in: int = 1) -> Float[Array, "... O"]:
+    """x @ w.astype(x.dtype), contracting x's last `n_in` axes with w's first `n_in`.
 
-    Autodiff's own transpose leads XLA:CPU to transpose the activation *gradient* (often with
-    its elementwise producers fused in, evaluated in strided order) for every weight gradient;
-    spelling out x^T transposes the forward activation instead, a plain copy. Measured +28% on
-    the llama-style bench model (bench/RESULTS.md). Mathematically identical.
+    `w` is the stored parameter, cast here: the backward keeps the parameter itself (a slice of
+    the stacked layers, sharded as stored) rather than a cast or, under fsdp, an all-gathered
+    copy of every layer's weights. It casts and gathers again, as ZeRO-3 does.
+
+    The backward writes the weight gradient as x^T @ dy. Autodiff's own transpose leads XLA:CPU
+    to transpose the activation *gradient* (often with its elementwise producers fused in,
+    evaluated in strided order) for every weight gradient; spelling out x^T transposes the
+    forward activation instead, a plain copy. Measured +28% on the llama-style bench model
+    (bench/RESULTS.md). Mathematically identical.
     """
-    return jnp.einsum("...i,io->...o", x, w)
+    return jnp.tensordot(x, w.astype(x.dtype), axes=n_in)
 
 
-def dense_named(x, w):
+def dense_named(x, w, n_in: int = 1):
     """`dense` whose output the 'dots' remat policy keeps (a custom VJP hides its matmul from
     jax's own dot-finding policies)."""
-    return checkpoint_name(dense(x, w), "dot")
+    return checkpoint_name(dense(x, w, n_in), "dot")
 
 
-def _dense_fwd(x, w):
-    return dense(x, w), (x, w)
+def _dense_fwd(x, w, n_in):
+    return dense(x, w, n_in), (x, w)
 
 
-def _dense_bwd(residuals, dy):
+def _dense_bwd(n_in, residuals, dy):
     x, w = residuals
-    x_ti = x.reshape(-1, x.shape[-1])
-    dy_to = dy.reshape(-1, dy.shape[-1])
-    dw = jax.lax.dot_general(x_ti.T, dy_to, (((1,), (0,)), ((), ())))
-    dx = jnp.einsum("...o,io->...i", dy, w)
+    wc = w.astype(x.dtype)
+    n_out = w.ndim - n_in
+    x_ti = x.reshape(-1, math.prod(w.shape[:n_in]))
+    dy_to = dy.reshape(-1, math.prod(w.shape[n_in:]))
+    dw = jax.lax.dot_general(x_ti.T, dy_to, (((1,), (0,)), ((), ()))).reshape(w.shape)
+    dx = jax.lax.dot_general(dy, wc, ((tuple(range(dy.ndim - n_out, dy.ndim)),
+                                       tuple(range(n_in, w.ndim))), ((), ())))
     return dx, dw.astype(w.dtype)
 
 
@@ -111,16 +122,25 @@ class Norm(nnx.Module):
             self.bias = _param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ("norm",), dtype)
 
     def __call__(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        x = x_btd.astype(jnp.float32)
-        if self.rms:
-            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-            y = y * self.scale[...].astype(jnp.float32)
-        else:
-            mean = jnp.mean(x, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-            y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(x_btd.dtype)
+        bias = None if self.rms else self.bias[...]
+        return _norm(x_btd, self.scale[...], bias, self.eps)
+
+
+@partial(jax.checkpoint, static_argnums=(3,))
+def _norm(x_btd, scale, bias, eps):
+    """LayerNorm (with bias) or RMSNorm (bias None). Checkpointed: the backward keeps only the
+    input and recomputes the statistics (elementwise work), instead of four [B, T, D] float32
+    intermediates."""
+    x = x_btd.astype(jnp.float32)
+    if bias is None:
+        y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+        y = y * scale.astype(jnp.float32)
+    else:
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + eps)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x_btd.dtype)
 
 
 def rope_tables(positions_bt: Int[Array, "B T"], head_dim: int,
@@ -148,6 +168,53 @@ def rope(x_btnh: Float[Array, "B T N H"], tables) -> Float[Array, "B T N H"]:
     return (x * cos + swapped * sin).astype(x_btnh.dtype)
 
 
+def causal_attention(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T K H"],
+                     v_btkh: Float[Array, "B T K H"]) -> Float[Array, "B T N H"]:
+    """softmax(q k^T / sqrt(H) + causal mask) v, with K key/value heads shared by N / K query
+    heads each (grouped-query attention; K must divide N).
+
+    Logits and softmax in float32; the backward keeps q, k, v and the probabilities in the
+    compute dtype (2as^2b bytes per layer at 16 bits, Korthikanti et al.'s count without
+    dropout) and nothing else of the [B, N, T, T] work. XLA:CPU has no float16 x float16 ->
+    float32 dot, so float16 logits are computed from float32 inputs there.
+    """
+    b, t, n, h = q_btnh.shape
+    k = k_btkh.shape[2]
+    dt = q_btnh.dtype
+    q = q_btnh.reshape(b, t, k, n // k, h)
+    if dt == jnp.float16 and jax.default_backend() == "cpu":
+        q, k_btkh = q.astype(jnp.float32), k_btkh.astype(jnp.float32)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_btkh,
+                        preferred_element_type=jnp.float32) * h ** -0.5
+    # An additive mask: a `where` here would make autodiff keep a [B, N, T, T] mask and fill.
+    logits += jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, -1e30)
+    probs = _softmax_to(logits, dt)
+    if dt == jnp.float16 and jax.default_backend() == "cpu":
+        probs, v_btkh = probs.astype(jnp.float32), v_btkh.astype(jnp.float32)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_btkh, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(dt)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax_to(x: Array, dtype) -> Array:
+    """softmax over the last axis in float32, returned in `dtype`; the backward uses that
+    output (the one array it keeps) instead of a float32 copy."""
+    return jax.nn.softmax(x, axis=-1).astype(dtype)
+
+
+def _softmax_to_fwd(x, dtype):
+    y = _softmax_to(x, dtype)
+    return y, y
+
+
+def _softmax_to_bwd(dtype, y, dy):
+    y, dy = y.astype(jnp.float32), dy.astype(jnp.float32)
+    return (y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True)),)
+
+
+_softmax_to.defvjp(_softmax_to_fwd, _softmax_to_bwd)
+
+
 class Attention(nnx.Module):
     """Causal multi-head attention with `num_kv_heads` shared key/value heads (GQA)."""
 
@@ -171,13 +238,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None) -> Float[Array, "B T D"]:
         cfg, dt = self.cfg, x_btd.dtype
-        b, t, d = x_btd.shape
 
-        def project(w_dnh):
-            w = w_dnh[...].astype(dt)
-            return dense_named(x_btd, w.reshape(d, -1)).reshape(b, t, *w.shape[1:])
-
-        q_btnh, k_btkh, v_btkh = project(self.wq), project(self.wk), project(self.wv)
+        q_btnh, k_btkh, v_btkh = (dense_named(x_btd, w[...]) for w in (self.wq, self.wk, self.wv))
         if cfg.style == "gpt2":
             q_btnh += self.bq[...].astype(dt)
             k_btkh += self.bk[...].astype(dt)
@@ -185,15 +247,8 @@ class Attention(nnx.Module):
         else:
             q_btnh = rope(q_btnh, rope_bt)
             k_btkh = rope(k_btkh, rope_bt)
-        # Grouped-query attention is native here: K must divide N. On GPU with bf16 this takes
-        # cuDNN's flash attention; elsewhere the XLA implementation.
-        if dt == jnp.float16 and jax.default_backend() == "cpu":
-            # XLA:CPU has no float16 x float16 -> float32 dot, which the attention's logits use.
-            q_btnh, k_btkh, v_btkh = (a.astype(jnp.float32) for a in (q_btnh, k_btkh, v_btkh))
-        out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh,
-                                                is_causal=True).astype(dt)
-        out_btnh = checkpoint_name(out_btnh, "attention")
-        out_btd = dense_named(out_btnh.reshape(b, t, -1), self.wo[...].astype(dt).reshape(-1, d))
+        out_btnh = checkpoint_name(causal_attention(q_btnh, k_btkh, v_btkh), "attention")
+        out_btd = dense_named(out_btnh, self.wo[...], 2)
         if cfg.style == "gpt2":
             out_btd += self.bo[...].astype(dt)
         return out_btd
@@ -219,17 +274,28 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         dt = x_btd.dtype
-        h_btf = dense_named(x_btd, self.wi[...].astype(dt))
+        h_btf = dense_named(x_btd, self.wi[...])
         if self.gated:
-            g_btf = dense_named(x_btd, self.wg[...].astype(dt))
-            h_btf = jax.nn.silu(g_btf) * h_btf
+            out_btd = _swiglu_out(dense_named(x_btd, self.wg[...]), h_btf, self.wo[...])
         else:
-            h_btf = jax.nn.gelu(h_btf + self.bi[...].astype(dt), approximate=True)
-        h_btf = constrain(h_btf, ("batch", "length", "mlp"))
-        out_btd = dense_named(h_btf, self.wo[...].astype(dt))
-        if not self.gated:
+            out_btd = _gelu_out(h_btf + self.bi[...].astype(dt), self.wo[...])
             out_btd += self.bo[...].astype(dt)
         return out_btd
+
+
+# The activation and the output projection, checkpointed together: the backward keeps the
+# activation's inputs ([B, T, F] once, twice for SwiGLU) and recomputes the elementwise
+# function, instead of keeping its output and every intermediate of tanh-GELU (six [B, T, F]).
+@jax.checkpoint
+def _gelu_out(h_btf, wo):
+    h_btf = constrain(jax.nn.gelu(h_btf, approximate=True), ("batch", "length", "mlp"))
+    return dense_named(h_btf, wo)
+
+
+@jax.checkpoint
+def _swiglu_out(g_btf, h_btf, wo):
+    h_btf = constrain(jax.nn.silu(g_btf) * h_btf, ("batch", "length", "mlp"))
+    return dense_named(h_btf, wo)
 
 
 class Block(nnx.Module):

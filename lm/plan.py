@@ -7,14 +7,24 @@ Accounting (bytes per device):
 - params: each parameter / the devices its `mesh.rules` shard it over (x pipeline stages for the
   stacked layers), in `precision.param_dtype`;
 - grads: the same in the parameter dtype, sharded like the optimizer state under zero2/zero3
-  (ZeRO's accounting: 2 bytes per parameter in fp16);
+  (ZeRO's accounting: 2 bytes per parameter in fp16); with microbatches, plus their float32 sum;
 - optimizer: float32 master weights (`precision.master_weights`) + the optimizer's moments (Adam,
   LAMB: 2; SGD, LARS: 1 momentum) in float32 with masters, else in the parameter dtype, sharded
   by the optimizer-state rules. fp16 + masters + Adam = 2 + 2 + 12 bytes per parameter;
-- activations: what the backward keeps per layer, Korthikanti et al. 2022 (sbh(10 + 24/t +
-  5as/(ht)) bytes at 16 bits without remat; 2sbh with full remat; sequence parallelism divides
-  the 10 by t), scaled to the compute dtype, for one microbatch and the layers of one stage,
-  plus the float32 logits and their gradient;
+- activations: what `lm.model`'s backward keeps per layer (`activation_bytes`: counted from the
+  model's residuals, in the spirit of Korthikanti et al. 2022 without dropout: 4 + 2k/n + 2 +
+  as/h + F/h (2F/h for SwiGLU) arrays of [s, b, h] without remat, the matmul-sharded ones / t),
+  in the compute dtype, for one microbatch and the layers of one stage, plus the float32 logits
+  and their gradient;
+- workspace: the layer in flight in the backward: its weights gathered and cast, its whole
+  weight gradient before the reduce-scatter, and its activations' gradients.
+
+Checked against XLA's memory analysis of the compiled step (`--compile`; tests/test_plan.py:
+within 15% for every preset with scanned layers, in float32). Known differences: XLA:CPU
+computes bfloat16 in float32 (compare bf16 on a GPU); with `model.scan_layers=False` its
+scheduler may gather every layer's weights at once (zero3 on configs/tiny.py: 1.6x the
+estimate); under zero1 GSPMD reduce-scatters the gradients anyway (zero2's memory), so the
+estimate, which keeps ZeRO's accounting, is an upper bound there.
 - FLOPs: 6 x matmul parameters + 12 L T d per token (PaLM's convention), for the global batch;
 - communication, bytes each device sends per step with ring collectives: gradient all-reduce
   2P(n-1)/n over the data-parallel replicas (zero3 and fsdp: 3P, parameters gathered in forward
@@ -56,35 +66,33 @@ def plan(run: RunConfig, devices: int) -> dict:
     moments = MOMENTS[run.optim.name] - (run.optim.name in ("sgd", "lars") and
                                          run.optim.momentum == 0)
     state_elem = (4 if master else 0) + (4 if master else pb) * moments
-    params_b = grads_b = opt_b = 0.0
+    params_b = grads_b = opt_b = layer_b = 0.0
+    micro = t.microbatches
+    gathered = {**shape, "data": 1, "fsdp": 1}
     for spec_names, size in zip(names, sizes):
         stages = shape["pipeline"] if "layers" in tuple(spec_names) else 1
-        p_ways = sharding.devices_along(
-            sharding.logical_to_spec(tuple(spec_names), lay.params), shape) * stages
+        spec_p = sharding.logical_to_spec(tuple(spec_names), lay.params)
+        p_ways = sharding.devices_along(spec_p, shape) * stages
         o_ways = sharding.devices_along(
             sharding.logical_to_spec(tuple(spec_names), lay.opt), shape) * stages
+        g_ways = o_ways if lay.scatter_grads else p_ways
         params_b += size * pb / p_ways
-        grads_b += size * pb / (o_ways if lay.scatter_grads else p_ways)
+        # Gradients in the parameter dtype; with microbatches, also their float32 sum.
+        grads_b += size * (pb + (4 if micro > 1 else 0)) / g_ways
         opt_b += size * state_elem / o_ways
+        if "layers" in tuple(spec_names):  # one layer's weights, gathered, and its gradient
+            layer_b += (size / m.num_layers) * (BYTES[m.compute_dtype] + pb) / \
+                sharding.devices_along(spec_p, gathered)
 
     # Activations of one microbatch, for this device's layers.
     data_ways = shape["data"] * shape["fsdp"]
     b = t.batch_size / data_ways / t.microbatches
+    acts_b = activation_bytes(m, b, t.seq_len, shape, run.mesh.rules)
+    # The layer in flight in the backward pass: its weights gathered (zero3/fsdp) and cast,
+    # its full weight gradient before the reduce-scatter, and its activations' gradients.
+    work_b = layer_b + activation_bytes(m, b, t.seq_len, shape, run.mesh.rules, one_layer=True)
     s, h, a, L = t.seq_len, m.d_model, m.num_heads, m.num_layers / shape["pipeline"]
     tp, sp = shape["tensor"], shape["sequence"]
-    scale = BYTES[m.compute_dtype] / 2
-    seq_par = "sp" in run.mesh.rules.split("+")
-    if m.remat == "full":
-        per_layer = 2 * s * b * h / (tp if seq_par else 1)
-    else:
-        shared = 10 / tp if seq_par else 10
-        per_layer = s * b * h * (shared + 24 / tp + 5 * a * s / (h * tp))
-        if m.remat in ("dots", "minimal"):  # roughly: the layer input plus what they keep
-            kept = (9 + 1) / tp if m.remat == "dots" else 1 / tp
-            per_layer = s * b * h * (2 + 2 * kept)
-    vocab_ways = tp if "tp" in run.mesh.rules.split("+") else 1
-    logits = 2 * b * s * m.vocab_size * 4 / vocab_ways
-    acts_b = (per_layer * L * scale + logits) / sp
 
     lookup = m.max_len * h if m.style == "gpt2" else m.vocab_size * h  # free: not a matmul
     matmul = n_params - lookup
@@ -109,12 +117,12 @@ def plan(run: RunConfig, devices: int) -> dict:
     comm["pipeline"] = (2 * act_bytes * t.microbatches if shape["pipeline"] > 1 else 0.0)
     comm["sequence"] = (2 * L * act_bytes * m.num_kv_heads / a * (sp - 1) * t.microbatches
                         if sp > 1 else 0.0)
-    stages, micro = shape["pipeline"], t.microbatches
+    stages = shape["pipeline"]
     return {
         "mesh": shape, "rules": run.mesh.rules, "devices": devices, "params": n_params,
         "params_bytes": params_b, "grads_bytes": grads_b, "optimizer_bytes": opt_b,
         "state_bytes": params_b + grads_b + opt_b, "activations_bytes": acts_b,
-        "total_bytes": params_b + grads_b + opt_b + acts_b,
+        "workspace_bytes": work_b, "total_bytes": params_b + grads_b + opt_b + acts_b + work_b,
         "flops_per_step": flops, "flops_per_device": flops / devices,
         # Hardware FLOPs: full remat runs each layer's forward twice (8N instead of 6N).
         "flops_with_recompute": flops * (8 / 6 if m.remat == "full" else 1.0),
@@ -122,6 +130,43 @@ def plan(run: RunConfig, devices: int) -> dict:
         "comm_bytes": comm,
         "pipeline_bubble": (stages - 1) / (micro + stages - 1) if stages > 1 else 0.0,
     }
+
+
+def activation_bytes(m, b: float, s: int, shape: dict, rules: str,
+                     one_layer: bool = False) -> float:
+    """What the backward pass keeps of one microbatch of `b` sequences of length `s` on one
+    device: the residuals of `lm.model` per layer (counted in [b, s, d_model] arrays: the layer
+    input, two norm outputs and the mid-layer residual, which tensor parallelism splits only
+    with `sp`; q, k, v, the attention output, the probabilities (heads x s / d_model of them)
+    and the MLP's pre-activations, which it splits), in the compute dtype; with remat, only what
+    the policy keeps plus one layer recomputed in the backward. Plus the float32 logits and
+    their gradient."""
+    tp, sp = shape["tensor"], shape["sequence"]
+    parts = rules.split("+")
+    n, k, d = m.num_heads, m.num_kv_heads, m.d_model
+    mlp_in = (2 if m.style == "llama" else 1) * m.mlp_dim / d
+    shared_div = tp if "sp" in parts else 1
+    # The layer input and mid residual, split by `sp`; the two norm outputs, kept by the
+    # column-parallel matmuls after their all-gather (so whole, even under `sp`).
+    shared = 2 / shared_div + 2
+    split = (1 + 2 * k / n + 1 + n * s / d + mlp_in) / tp  # q, k, v, attention out, probs, MLP
+    full = shared + split
+    if m.remat == "none":
+        kept = full
+    elif m.remat == "full":
+        kept = 1 / shared_div
+    elif m.remat == "dots":  # matmul outputs: q, k, v, MLP pre-activations, both projections' outputs
+        kept = 3 / shared_div + (1 + 2 * k / n + 1 + mlp_in) / tp
+    else:  # minimal: the layer input and the attention output
+        kept = 1 / shared_div + 1 / tp
+    layers = m.num_layers / shape["pipeline"]
+    recompute = full if m.remat != "none" else 0.0
+    per_array = b * s * d * BYTES[m.compute_dtype]
+    if one_layer:  # everything one layer computes for its backward, remat or not
+        return per_array * full / sp
+    vocab_ways = tp if "tp" in parts else 1
+    logits = 2 * b * s * m.vocab_size * 4 / vocab_ways
+    return (per_array * (kept * layers + recompute) + logits) / sp
 
 
 def compiled_memory(run: RunConfig) -> dict:
@@ -145,7 +190,7 @@ def format_plan(p: dict) -> str:
              f"{ {k: v for k, v in p['mesh'].items() if v > 1} or 'single device'}, "
              f"rules {p['rules']}",
              "per device:"]
-    for key in ("params", "grads", "optimizer", "state", "activations", "total"):
+    for key in ("params", "grads", "optimizer", "state", "activations", "workspace", "total"):
         lines.append(f"  {key:<12} {p[key + '_bytes'] / GB:10.3f} GB")
     lines.append(f"training state, unsharded: {p['state_bytes_unsharded'] / GB:,.1f} GB")
     lines.append(f"FLOPs per step {p['flops_per_step']:.3e} ({p['flops_per_device']:.3e} per "

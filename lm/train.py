@@ -92,13 +92,20 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
                 "loss_scale": scaler.init()}
 
+    def reduce(grads):
+        """ZeRO-2/3: each replica keeps only its shard of the gradients (a reduce-scatter)."""
+        return (jax.lax.with_sharding_constraint(grads, opt_param_sharding)
+                if lay.scatter_grads else grads)
+
     def grads_and_loss(params, batch_bt, scale):
-        """Float32 gradients of the mean loss (unscaled), and the loss; K microbatches are a
-        scan that sums float32 gradients."""
+        """Float32 gradients of the mean loss (unscaled), and the loss. Gradients stay in the
+        parameter dtype until reduced (ZeRO's accounting: 2 bytes per parameter in fp16); K
+        microbatches are a scan that sums them into float32, sharded like the optimizer state
+        under zero2/zero3."""
         scaled = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b) * scale)
         if k == 1:
             loss, grads = scaled(params, batch_bt)
-            grads = to_f32(grads)
+            grads = to_f32(reduce(grads))
         else:
             # Row r goes to microbatch r % K: each device's rows stay on it.
             b, t1 = batch_bt.shape
@@ -109,10 +116,10 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
             def accumulate(carry, micro_bt):
                 loss, grads = scaled(params, micro_bt)
                 return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry,
-                                    (loss, grads)), None
+                                    (loss, reduce(grads))), None
 
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(
-                lambda p: jnp.zeros(p.shape, jnp.float32), params))
+            zeros = (jnp.zeros((), jnp.float32), reduce(jax.tree.map(
+                lambda p: jnp.zeros(p.shape, jnp.float32), params)))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro_kbt)
             loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
         return loss / scale, jax.tree.map(lambda g: g / scale, grads)
@@ -124,8 +131,6 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     def _train_step(state, batch_bt):
         params, opt_state, ls = state["params"], state["opt_state"], state["loss_scale"]
         loss, grads = grads_and_loss(params, batch_bt, ls["scale"])
-        if lay.scatter_grads:  # ZeRO-2/3: each replica keeps only its shard of the gradients
-            grads = jax.lax.with_sharding_constraint(grads, opt_param_sharding)
         if master:
             updates, tx_state = tx.update(grads, opt_state["tx"], opt_state["master"])
             masters = optax.apply_updates(opt_state["master"], updates)

@@ -125,6 +125,21 @@ def test_custom_vjps_match_autodiff():
     ref = jax.vjp(lambda x, w: jnp.einsum("btd,df->btf", x, w), x, w)[1](dy)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Two contracted axes (the attention output projection), a float32 weight used in bfloat16.
+    w3 = jax.random.normal(kw, (4, 2, 3))
+    x3 = x.reshape(2, 5, 4, 2).astype(jnp.bfloat16)
+    ours = jax.vjp(lambda x, w: dense(x, w, 2), x3, w3)[1](dy.astype(jnp.bfloat16))
+    ref = jax.vjp(lambda x, w: jnp.einsum("btnh,nhd->btd", x, w.astype(x.dtype)), x3, w3)[1](
+        dy.astype(jnp.bfloat16))
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), rtol=2e-2,
+                                   atol=2e-2)
+    from lm.model import _softmax_to
+    logits = jax.random.normal(kx, (3, 7))
+    ours = jax.vjp(lambda z: _softmax_to(z, jnp.float32), logits)[1](jnp.cos(logits))
+    ref = jax.vjp(lambda z: jax.nn.softmax(z, axis=-1), logits)[1](jnp.cos(logits))
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(jax.vjp(materialize_grad, x)[1](x)[0], x)
     # And the whole model's gradient is autodiff's: compare with the einsum formulation.
     model = tiny_model(style="llama", num_kv_heads=2)
@@ -133,7 +148,7 @@ def test_custom_vjps_match_autodiff():
     loss = lambda p: nnx.merge(graphdef, p)(tokens).astype(jnp.float32).std()
     grads = jax.grad(loss)(params)
     import lm.model as lm_model
-    plain = lambda x, w: jnp.einsum("...i,io->...o", x, w)
+    plain = lambda x, w, n_in=1: jnp.tensordot(x, w.astype(x.dtype), axes=n_in)
     orig = lm_model.dense, lm_model.materialize_grad
     lm_model.dense, lm_model.materialize_grad = plain, lambda x: x
     try:
@@ -142,3 +157,17 @@ def test_custom_vjps_match_autodiff():
         lm_model.dense, lm_model.materialize_grad = orig
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_causal_attention_matches_jax_reference_and_its_gradient():
+    from lm.model import causal_attention
+    kq, kk, kv = jax.random.split(jax.random.key(8), 3)
+    q = jax.random.normal(kq, (2, 9, 4, 8))
+    k = jax.random.normal(kk, (2, 9, 2, 8))
+    v = jax.random.normal(kv, (2, 9, 2, 8))
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(causal_attention(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    for a, b in zip(jax.grad(loss(causal_attention), (0, 1, 2))(q, k, v),
+                    jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
