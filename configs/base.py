@@ -75,4 +75,8 @@ def get_config(arg=None):
     # (the stdlib's sources, prepared into WORKDIR/data with val_fraction held out).
     c.data = ml_collections.ConfigDict(dict(path="", val_fraction=0.02, shuffle=True, prefetch=2))
     c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=2))
+    # With mesh.pipeline > 1: schedule 'gpipe' or 'interleaved' (virtual_stages layer chunks per
+    # stage), microbatches per step a multiple of the stages; see lm/pipeline.py.
+    c.pipeline = ml_collections.ConfigDict(dict(schedule="gpipe", microbatches=1,
+                                                virtual_stages=1))
     return c

@@ -22,6 +22,7 @@ REMAT = ("none", "full", "dots", "minimal")
 LOSS_SCALE = ("auto", "dynamic", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence", "pipeline")
+PIPELINE_SCHEDULES = ("gpipe", "interleaved")
 # mesh.rules: presets joined with '+' (lm.sharding.layout): dp, zero1, zero2, zero3, fsdp, tp, sp.
 RULE_PARTS = ("dp", "zero1", "zero2", "zero3", "fsdp", "tp", "sp")
 
@@ -131,6 +132,15 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How the layers run over the `mesh.pipeline` stages (see lm.pipeline); unused when
+    mesh.pipeline is 1."""
+    schedule: str = "gpipe"  # 'gpipe' | 'interleaved'
+    microbatches: int = 1  # M per step (per train.microbatches slice): a multiple of the stages
+    virtual_stages: int = 1  # v layer chunks per stage (interleaved); 1 for gpipe
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str = ""              # a `python -m lm.data.prepare` directory; "" = the embedded corpus
     val_fraction: float = 0.02  # embedded corpus: share of documents held out for evaluation
@@ -153,6 +163,7 @@ class RunConfig:
     mesh: MeshConfig
     data: DataConfig
     checkpoint: CheckpointConfig
+    pipeline: PipelineConfig = PipelineConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,7 +250,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def from_config_dict(cd: ml_collections.ConfigDict) -> RunConfig:
     """Validates `cd` and returns the frozen RunConfig every module is built from."""
-    known = {"model", "train", "optim", "precision", "mesh", "data", "checkpoint"}
+    known = {"model", "train", "optim", "precision", "mesh", "data", "checkpoint", "pipeline"}
     for key in cd.keys():
         if key not in known:
             raise ConfigError(f"unknown config section {key!r}; valid sections: {sorted(known)}")
@@ -267,6 +278,7 @@ def from_config_dict(cd: ml_collections.ConfigDict) -> RunConfig:
         mesh=_section(cd, "mesh", MeshConfig) or MeshConfig(),
         data=_section(cd, "data", DataConfig) or DataConfig(),
         checkpoint=_section(cd, "checkpoint", CheckpointConfig) or CheckpointConfig(),
+        pipeline=_section(cd, "pipeline", PipelineConfig) or PipelineConfig(),
     )
     validate(run)
     return run
@@ -331,6 +343,19 @@ def validate(run: RunConfig) -> None:
     _check(all(p in RULE_PARTS for p in parts) and len(set(parts)) == len(parts), "mesh.rules",
            f"must be presets from {list(RULE_PARTS)} joined by '+' (e.g. 'zero3+tp+sp'), got "
            f"{run.mesh.rules!r}")
+
+    pp = run.pipeline
+    _check(pp.schedule in PIPELINE_SCHEDULES, "pipeline.schedule",
+           f"must be one of {list(PIPELINE_SCHEDULES)}, got {pp.schedule!r}")
+    _check(pp.microbatches >= 1, "pipeline.microbatches", f"must be >= 1, got {pp.microbatches}")
+    _check(pp.virtual_stages >= 1, "pipeline.virtual_stages",
+           f"must be >= 1, got {pp.virtual_stages}")
+    _check(pp.schedule == "interleaved" or pp.virtual_stages == 1, "pipeline.virtual_stages",
+           f"must be 1 for schedule 'gpipe' (got {pp.virtual_stages}); use "
+           "pipeline.schedule=interleaved for virtual stages")
+    _check((t.batch_size // t.microbatches) % pp.microbatches == 0, "pipeline.microbatches",
+           f"({pp.microbatches}) must divide the batch of each step (train.batch_size / "
+           f"train.microbatches = {t.batch_size // t.microbatches})")
 
     _check(0 < run.data.val_fraction < 0.5, "data.val_fraction",
            f"must be in (0, 0.5), got {run.data.val_fraction}")

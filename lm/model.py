@@ -30,6 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from lm.config import ModelConfig
+from lm.pipeline import Pipeline, run as run_pipeline
 from lm.sharding import constrain
 
 Initializer = jax.nn.initializers.Initializer
@@ -339,17 +340,28 @@ class Transformer(nnx.Module):
             self.unembed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                   dtype)
 
-    def __call__(self, tokens_bt: Int[Array, "B T"],
-                 positions_bt: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
+    def __call__(self, tokens_bt: Int[Array, "B T"], positions_bt: Int[Array, "B T"] | None = None,
+                 pipeline: Pipeline | None = None) -> Float[Array, "B T V"]:
+        return self.logits(self.hidden(tokens_bt, positions_bt, pipeline))
+
+    def hidden(self, tokens_bt: Int[Array, "B T"], positions_bt: Int[Array, "B T"] | None = None,
+               pipeline: Pipeline | None = None) -> Float[Array, "B T D"]:
+        """The final-normed residual stream; `pipeline`: run the layers through lm.pipeline's
+        schedule over the `pipeline` mesh axis (training and evaluation)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        elif pipeline is not None:
+            raise ValueError("a pipelined forward takes no positions: every micro-batch uses "
+                             "0..T-1")
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         if cfg.style == "gpt2":
             x_btd += jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
         x_btd = constrain(x_btd, ("batch", "length", "embed"))
-        rope_bt = (rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta)
+        rope_rows = positions_bt if pipeline is None else \
+            positions_bt[:tokens_bt.shape[0] // pipeline.microbatches]
+        rope_bt = (rope_tables(rope_rows, cfg.head_dim, cfg.rope_theta)
                    if cfg.style == "llama" else None)
 
         block_def, block_state = nnx.split(self.blocks)
@@ -358,21 +370,27 @@ class Transformer(nnx.Module):
             x_btd = materialize_grad(x_btd)
             return nnx.merge(block_def, layer_state)(x_btd, rope_bt), None
 
-        if cfg.remat != "none":
+        remat = (lambda f, prevent_cse: jax.checkpoint(
+            f, prevent_cse=prevent_cse, policy=REMAT_POLICIES[cfg.remat])
+            if cfg.remat != "none" else f)
+        if pipeline is not None:
+            # Remat applies to each stage's layers as a whole, per schedule iteration.
+            x_btd = run_pipeline(layer, block_state, x_btd, pipeline,
+                                 wrap_stage=lambda f: remat(f, False))
+        elif cfg.scan_layers:
             # Inside scan CSE cannot undo the recomputation; unrolled it can, so prevent it there.
-            layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers,
-                                   policy=REMAT_POLICIES[cfg.remat])
-        if cfg.scan_layers:
-            x_btd, _ = jax.lax.scan(layer, x_btd, block_state)
+            x_btd, _ = jax.lax.scan(remat(layer, False), x_btd, block_state)
         else:
             # A Python loop over slices of the stacked arrays: XLA sees L independent layers
             # (scan(unroll=L) would still keep the backward's residuals in stacked buffers).
             for i in range(cfg.num_layers):
-                x_btd, _ = layer(x_btd, jax.tree.map(lambda a: a[i], block_state))
+                x_btd, _ = remat(layer, True)(x_btd, jax.tree.map(lambda a: a[i], block_state))
+        return self.final_norm(x_btd)
 
-        x_btd = self.final_norm(x_btd)
-        table_vd = self.embed if cfg.tied_embeddings else self.unembed
-        logits_btv = jnp.einsum("btd,vd->btv", x_btd, table_vd[...].astype(dt))
+    def logits(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """Next-token logits of `hidden`'s output (in compute_dtype)."""
+        table_vd = self.embed if self.cfg.tied_embeddings else self.unembed
+        logits_btv = jnp.einsum("btd,vd->btv", x_btd, table_vd[...].astype(x_btd.dtype))
         return constrain(logits_btv, ("batch", "length", "vocab"))
 
 

@@ -11,7 +11,7 @@ Accounting (bytes per device):
 - optimizer: float32 master weights (`precision.master_weights`) + the optimizer's moments (Adam,
   LAMB: 2; SGD, LARS: 1 momentum) in float32 with masters, else in the parameter dtype, sharded
   by the optimizer-state rules. fp16 + masters + Adam = 2 + 2 + 12 bytes per parameter;
-- activations: what `lm.model`'s backward keeps per layer (`activation_bytes`: counted from the
+- activations: what `lm.model`'s backward keeps per layer (`layer_arrays`: counted from the
   model's residuals, in the spirit of Korthikanti et al. 2022 without dropout: 4 + 2k/n + 2 +
   as/h + F/h (2F/h for SwiGLU) arrays of [s, b, h] without remat, the matmul-sharded ones / t),
   in the compute dtype, for one microbatch and the layers of one stage, plus the float32 logits
@@ -45,6 +45,7 @@ from flax import nnx
 from lm import sharding
 from lm.config import ConfigError, RunConfig, from_config_dict, load_config_file, override
 from lm.model import Transformer
+from lm.pipeline import Pipeline
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MOMENTS = {"adamw": 2, "lamb": 2, "nvlamb": 2, "lars": 1, "sgd": 1}
@@ -66,32 +67,57 @@ def plan(run: RunConfig, devices: int) -> dict:
     moments = MOMENTS[run.optim.name] - (run.optim.name in ("sgd", "lars") and
                                          run.optim.momentum == 0)
     state_elem = (4 if master else 0) + (4 if master else pb) * moments
-    params_b = grads_b = opt_b = layer_b = 0.0
+    params_b = grads_b = opt_b = layer_b = stage_b = 0.0
     micro = t.microbatches
-    gathered = {**shape, "data": 1, "fsdp": 1}
+    gathered = {**shape, "data": 1, "fsdp": 1, "pipeline": 1}
     for spec_names, size in zip(names, sizes):
-        stages = shape["pipeline"] if "layers" in tuple(spec_names) else 1
         spec_p = sharding.logical_to_spec(tuple(spec_names), lay.params)
-        p_ways = sharding.devices_along(spec_p, shape) * stages
+        p_ways = sharding.devices_along(spec_p, shape)  # the stacked layers: / pipeline stages
         o_ways = sharding.devices_along(
-            sharding.logical_to_spec(tuple(spec_names), lay.opt), shape) * stages
+            sharding.logical_to_spec(tuple(spec_names), lay.opt), shape)
         g_ways = o_ways if lay.scatter_grads else p_ways
         params_b += size * pb / p_ways
         # Gradients in the parameter dtype; with microbatches, also their float32 sum.
         grads_b += size * (pb + (4 if micro > 1 else 0)) / g_ways
         opt_b += size * state_elem / o_ways
-        if "layers" in tuple(spec_names):  # one layer's weights, gathered, and its gradient
+        if "layers" in tuple(spec_names):
+            stage_b += size / p_ways  # parameters of this device's layers
+            # one layer's weights, gathered, and its gradient
             layer_b += (size / m.num_layers) * (BYTES[m.compute_dtype] + pb) / \
                 sharding.devices_along(spec_p, gathered)
 
-    # Activations of one microbatch, for this device's layers.
+    # Activations, for this device's layers: one microbatch (train.microbatches) without a
+    # pipeline; with one, a pipeline micro-batch per iteration of the schedule (GPipe keeps
+    # them all), remat applying to a stage's layers as a whole.
+    stages = shape["pipeline"]
+    pipe = None
+    if stages > 1:
+        pipe = Pipeline(stages, run.pipeline.microbatches, run.pipeline.virtual_stages)
     data_ways = shape["data"] * shape["fsdp"]
-    b = t.batch_size / data_ways / t.microbatches
-    acts_b = activation_bytes(m, b, t.seq_len, shape, run.mesh.rules)
+    b_step = t.batch_size / data_ways / micro  # sequences per device per train.microbatches slice
+    b = b_step / pipe.microbatches if pipe else b_step  # per (pipeline) micro-batch
+    array_b = b * t.seq_len * m.d_model * BYTES[m.compute_dtype] / shape["sequence"]
+    kept, full, layer_input = layer_arrays(m, t.seq_len, shape, run.mesh.rules)
+    recompute = full if m.remat != "none" else 0.0  # one layer, rebuilt in the backward
+    if pipe is None:
+        arrays = kept * m.num_layers + recompute
+        layers_run = m.num_layers
+    else:
+        chunk = m.num_layers // (stages * pipe.virtual_stages)  # layers per stage and pass
+        layers_run = pipe.iterations * chunk
+        stage_kept = layer_input if m.remat == "full" else kept * chunk
+        # + the micro-batch buffer
+        arrays = pipe.iterations * stage_kept + pipe.microbatches + recompute * chunk
+    acts_b = arrays * array_b + logits_bytes(m, b, t.seq_len, shape, run.mesh.rules)
     # The layer in flight in the backward pass: its weights gathered (zero3/fsdp) and cast,
     # its full weight gradient before the reduce-scatter, and its activations' gradients.
-    work_b = layer_b + activation_bytes(m, b, t.seq_len, shape, run.mesh.rules, one_layer=True)
-    s, h, a, L = t.seq_len, m.d_model, m.num_heads, m.num_layers / shape["pipeline"]
+    work_b = layer_b + full * array_b
+    if pipe:  # the stage's layers regrouped into the schedule's layout, and their gradients
+        work_b += stage_b * (BYTES[m.compute_dtype] + pb)
+        if pipe.virtual_stages > 1 and m.remat == "none":
+            # a pass's layers, selected per iteration, kept per iteration for the backward
+            acts_b += stage_b / pipe.virtual_stages * BYTES[m.compute_dtype] * pipe.iterations
+    s, h, a = t.seq_len, m.d_model, m.num_heads
     tp, sp = shape["tensor"], shape["sequence"]
 
     lookup = m.max_len * h if m.style == "gpt2" else m.vocab_size * h  # free: not a matmul
@@ -111,13 +137,18 @@ def plan(run: RunConfig, devices: int) -> dict:
         full = p_local * (d * f if "zero3" in parts else 1)
         comm["fsdp"] += grad_factor * full * (f - 1) / f
         comm["data"] += grad_factor * full / f * (d - 1) / d
-    act_bytes = b * s * h * BYTES[m.compute_dtype]
+    act_bytes = b * s * h * BYTES[m.compute_dtype]  # one [b, s, d] array of one micro-batch
     reduces = 6 if m.remat == "full" else 4
-    comm["tensor"] = reduces * L * act_bytes * 2 * (tp - 1) / tp * t.microbatches
-    comm["pipeline"] = (2 * act_bytes * t.microbatches if shape["pipeline"] > 1 else 0.0)
-    comm["sequence"] = (2 * L * act_bytes * m.num_kv_heads / a * (sp - 1) * t.microbatches
-                        if sp > 1 else 0.0)
-    stages = shape["pipeline"]
+    comm["tensor"] = reduces * layers_run * act_bytes * 2 * (tp - 1) / tp * micro
+    comm["sequence"] = (2 * layers_run * act_bytes * m.num_kv_heads / a * (sp - 1) *
+                        micro if sp > 1 else 0.0)
+    if pipe:
+        # Each iteration sends the stage's output on, forward and backward; the interleaved
+        # layout regroups the layer parameters (and gradients) with an all-to-all.
+        comm["pipeline"] = 2 * pipe.iterations * act_bytes / sp * micro
+        if pipe.virtual_stages > 1:
+            layer_share = sum(size for n_, size in zip(names, sizes) if "layers" in tuple(n_))
+            comm["pipeline"] += 2 * params_b * layer_share / n_params * (stages - 1) / stages
     return {
         "mesh": shape, "rules": run.mesh.rules, "devices": devices, "params": n_params,
         "params_bytes": params_b, "grads_bytes": grads_b, "optimizer_bytes": opt_b,
@@ -128,29 +159,27 @@ def plan(run: RunConfig, devices: int) -> dict:
         "flops_with_recompute": flops * (8 / 6 if m.remat == "full" else 1.0),
         "state_bytes_unsharded": n_params * (2 * pb + state_elem),
         "comm_bytes": comm,
-        "pipeline_bubble": (stages - 1) / (micro + stages - 1) if stages > 1 else 0.0,
+        "pipeline_bubble": pipe.bubble if pipe else 0.0,
+        "pipeline": ({"stages": stages, "schedule": run.pipeline.schedule,
+                      "microbatches": pipe.microbatches,
+                      "virtual_stages": pipe.virtual_stages,
+                      "layers_per_stage": m.num_layers // stages} if pipe else None),
     }
 
 
-def activation_bytes(m, b: float, s: int, shape: dict, rules: str,
-                     one_layer: bool = False) -> float:
-    """What the backward pass keeps of one microbatch of `b` sequences of length `s` on one
-    device: the residuals of `lm.model` per layer (counted in [b, s, d_model] arrays: the layer
-    input, two norm outputs and the mid-layer residual, which tensor parallelism splits only
-    with `sp`; q, k, v, the attention output, the probabilities (heads x s / d_model of them)
-    and the MLP's pre-activations, which it splits), in the compute dtype; with remat, only what
-    the policy keeps plus one layer recomputed in the backward. Plus the float32 logits and
-    their gradient."""
-    tp, sp = shape["tensor"], shape["sequence"]
-    parts = rules.split("+")
+def layer_arrays(m, s: int, shape: dict, rules: str) -> tuple[float, float, float]:
+    """Per layer, in [b, s, d_model] arrays of the compute dtype on one device: what the
+    backward keeps with `model.remat` (kept), what one layer computes for it (full), and the
+    layer input alone (input). Counted from `lm.model`'s residuals: the layer input, two norm
+    outputs and the mid-layer residual, which tensor parallelism splits only with `sp` (the norm
+    outputs not even then: the column-parallel matmuls keep them after their all-gather); q, k,
+    v, the attention output, the probabilities (heads x s / d_model arrays) and the MLP's
+    pre-activations, which it splits."""
+    tp = shape["tensor"]
     n, k, d = m.num_heads, m.num_kv_heads, m.d_model
     mlp_in = (2 if m.style == "llama" else 1) * m.mlp_dim / d
-    shared_div = tp if "sp" in parts else 1
-    # The layer input and mid residual, split by `sp`; the two norm outputs, kept by the
-    # column-parallel matmuls after their all-gather (so whole, even under `sp`).
-    shared = 2 / shared_div + 2
-    split = (1 + 2 * k / n + 1 + n * s / d + mlp_in) / tp  # q, k, v, attention out, probs, MLP
-    full = shared + split
+    shared_div = tp if "sp" in rules.split("+") else 1
+    full = 2 / shared_div + 2 + (1 + 2 * k / n + 1 + n * s / d + mlp_in) / tp
     if m.remat == "none":
         kept = full
     elif m.remat == "full":
@@ -159,14 +188,13 @@ def activation_bytes(m, b: float, s: int, shape: dict, rules: str,
         kept = 3 / shared_div + (1 + 2 * k / n + 1 + mlp_in) / tp
     else:  # minimal: the layer input and the attention output
         kept = 1 / shared_div + 1 / tp
-    layers = m.num_layers / shape["pipeline"]
-    recompute = full if m.remat != "none" else 0.0
-    per_array = b * s * d * BYTES[m.compute_dtype]
-    if one_layer:  # everything one layer computes for its backward, remat or not
-        return per_array * full / sp
-    vocab_ways = tp if "tp" in parts else 1
-    logits = 2 * b * s * m.vocab_size * 4 / vocab_ways
-    return (per_array * (kept * layers + recompute) + logits) / sp
+    return kept, full, 1 / shared_div
+
+
+def logits_bytes(m, b: float, s: int, shape: dict, rules: str) -> float:
+    """The float32 logits of `b` sequences and their gradient."""
+    vocab_ways = shape["tensor"] if "tp" in rules.split("+") else 1
+    return 2 * b * s * m.vocab_size * 4 / vocab_ways / shape["sequence"]
 
 
 def compiled_memory(run: RunConfig) -> dict:
@@ -189,7 +217,9 @@ def format_plan(p: dict) -> str:
     lines = [f"{p['params']:,} parameters on {p['devices']} devices, mesh "
              f"{ {k: v for k, v in p['mesh'].items() if v > 1} or 'single device'}, "
              f"rules {p['rules']}",
-             "per device:"]
+             "per device:" if not p["pipeline"] else
+             f"per device (one stage of {p['pipeline']['stages']}: "
+             f"{p['pipeline']['layers_per_stage']} layers):"]
     for key in ("params", "grads", "optimizer", "state", "activations", "workspace", "total"):
         lines.append(f"  {key:<12} {p[key + '_bytes'] / GB:10.3f} GB")
     lines.append(f"training state, unsharded: {p['state_bytes_unsharded'] / GB:,.1f} GB")
@@ -197,8 +227,11 @@ def format_plan(p: dict) -> str:
                  f"device; {p['flops_with_recompute']:.3e} with remat recomputation)")
     comm = ", ".join(f"{k} {v / GB:.3f} GB" for k, v in p["comm_bytes"].items() if v)
     lines.append(f"sent per device per step: {comm or 'nothing'}")
-    if p["pipeline_bubble"]:
-        lines.append(f"pipeline bubble {p['pipeline_bubble']:.1%}")
+    if p["pipeline"]:
+        pp = p["pipeline"]
+        lines.append(f"pipeline: {pp['schedule']}, {pp['microbatches']} micro-batches"
+                     + (f", {pp['virtual_stages']} virtual stages" if pp["virtual_stages"] > 1
+                        else "") + f", bubble {p['pipeline_bubble']:.1%}")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("layers", None),
+    ("layers", "pipeline"),  # the stacked layers: contiguous blocks per pipeline stage
     ("positions", None),
     ("norm", None),
 )
@@ -66,6 +66,7 @@ def layout(rules: str) -> Layout:
     """
     parts = set(rules.split("+"))
     params: dict[str, object] = {n: None for n in _ALL_NAMES}
+    params["layers"] = "pipeline"  # each pipeline stage holds its layers, whatever the preset
     opt = dict(params)
     acts = dict(RULES)
     if parts & {"zero1", "zero2", "zero3"}:

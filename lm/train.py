@@ -30,6 +30,7 @@ from lm.data.dataset import Dataset
 from lm.data.loader import Loader, LoaderState
 from lm.data.tokenizer import DATA_FILE
 from lm.model import Transformer
+from lm.pipeline import Pipeline
 from lm.optim import LossScale, all_finite, make_optimizer, schedule
 from lm.tracking import Tracker
 
@@ -47,11 +48,26 @@ class Trainer:
     eval_step: Any   # (params, batch) -> loss
 
 
-def loss_fn(graphdef, params, batch_bt: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy (float32) of a [B, T + 1] batch."""
-    logits_btv = nnx.merge(graphdef, params)(batch_bt[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits_btv.astype(jnp.float32), batch_bt[:, 1:]).mean()
+def loss_fn(graphdef, params, batch_bt: jax.Array, pipeline: Pipeline | None = None
+            ) -> jax.Array:
+    """Mean next-token cross-entropy (float32) of a [B, T + 1] batch.
+
+    With a pipeline, the output layer and the loss run one pipeline micro-batch at a time
+    (checkpointed), so the [B, T, V] logits of the whole batch never exist at once."""
+    model = nnx.merge(graphdef, params)
+    xent = lambda logits_btv, targets_bt: optax.softmax_cross_entropy_with_integer_labels(
+        logits_btv.astype(jnp.float32), targets_bt)
+    if pipeline is None:
+        return xent(model(batch_bt[:, :-1]), batch_bt[:, 1:]).mean()
+    x_btd = model.hidden(batch_bt[:, :-1], pipeline=pipeline)
+    m = pipeline.microbatches
+    b, t, d = x_btd.shape
+    x_mbtd = x_btd.reshape(b // m, m, t, d).swapaxes(0, 1)  # row r -> micro-batch r % M
+    y_mbt = batch_bt[:, 1:].reshape(b // m, m, t).swapaxes(0, 1)
+    chunk_loss = jax.checkpoint(lambda x_btd, y_bt: xent(model.logits(x_btd), y_bt).sum())
+    total, _ = jax.lax.scan(lambda acc, xy: (acc + chunk_loss(*xy), None),
+                            jnp.zeros((), jnp.float32), (x_mbtd, y_mbt))
+    return total / (b * t)
 
 
 def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
@@ -67,6 +83,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     scaler = LossScale(run.precision, run.precision.dynamic(run.model))
     check_finite = scaler.dynamic or run.train.skip_nonfinite
     k = run.train.microbatches
+    pipe = _pipeline(run, mesh)
     make_model = lambda: Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed))
     lay = sharding.layout(run.mesh.rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.REPLICATED):
@@ -102,7 +119,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
         parameter dtype until reduced (ZeRO's accounting: 2 bytes per parameter in fp16); K
         microbatches are a scan that sums them into float32, sharded like the optimizer state
         under zero2/zero3."""
-        scaled = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b) * scale)
+        scaled = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b, pipe) * scale)
         if k == 1:
             loss, grads = scaled(params, batch_bt)
             grads = to_f32(reduce(grads))
@@ -157,12 +174,12 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     def _eval_step(params, batch_bt):
         """The mean loss, in the same microbatches as training (the same peak memory)."""
         if k == 1:
-            return loss_fn(graphdef, params, batch_bt)
+            return loss_fn(graphdef, params, batch_bt, pipe)
         b, t1 = batch_bt.shape
         micro_kbt = jax.lax.with_sharding_constraint(
             batch_bt.reshape(b // k, k, t1).swapaxes(0, 1),
             NamedSharding(mesh, P(None, batch_axes)))
-        return jax.lax.map(lambda mb: loss_fn(graphdef, params, mb), micro_kbt).mean()
+        return jax.lax.map(lambda mb: loss_fn(graphdef, params, mb, pipe), micro_kbt).mean()
 
     return Trainer(
         run=run, mesh=mesh, graphdef=graphdef, tx=tx, state_sharding=state_sharding,
@@ -171,6 +188,23 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
                            out_shardings=(state_sharding, replicated)),
         eval_step=jax.jit(eval_step),
     )
+
+
+def _pipeline(run: RunConfig, mesh: jax.sharding.Mesh) -> Pipeline | None:
+    """The pipeline schedule of `run` on `mesh` (None without a `pipeline` axis), checked."""
+    stages = mesh.shape["pipeline"]
+    if stages == 1:
+        return None
+    pp, t = run.pipeline, run.train
+    pipe = Pipeline(stages, pp.microbatches, pp.virtual_stages)
+    step_batch = t.batch_size // t.microbatches
+    pipe.check(run.model.num_layers, step_batch)
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (step_batch // pp.microbatches) % data_ways:
+        raise ConfigError(f"pipeline: each pipeline micro-batch ({step_batch} / "
+                          f"{pp.microbatches} sequences) must split over mesh.data x mesh.fsdp "
+                          f"({data_ways}); change train.batch_size or pipeline.microbatches")
+    return pipe
 
 
 def train(run: RunConfig, workdir: str) -> dict[str, Any]:
@@ -182,9 +216,6 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
         raise ConfigError(f"--workdir {workdir} already holds checkpoints "
                           f"({sorted(os.listdir(ckpt_dir))}); resuming is not supported yet: "
                           "choose a new --workdir")
-    if run.mesh.pipeline * run.mesh.dcn_pipeline != 1:  # lm.plan accepts it; the schedule is the pipeline issue's
-        raise ConfigError("'mesh.pipeline' must be 1 to train: pipeline parallelism is not "
-                          "implemented yet (python -m lm.plan can plan it)")
     mesh = sharding.make_mesh(run.mesh)
     t, m = run.train, run.model
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]

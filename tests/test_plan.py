@@ -59,6 +59,12 @@ XLA_CASES = {
     "remat-full": {"mesh.data": 8, "model.remat": "full"},
     "remat-dots": {"mesh.data": 8, "model.remat": "dots"},
     "microbatches": {"mesh.data": 8, "mesh.rules": "zero2", "train.microbatches": 2},
+    "pipeline-gpipe": {"mesh.data": 4, "mesh.pipeline": 2, "pipeline.microbatches": 4},
+    "pipeline-interleaved": {"mesh.data": 1, "mesh.tensor": 2, "mesh.pipeline": 4,
+                             "model.num_layers": 8, "pipeline.microbatches": 4,
+                             "pipeline.schedule": "interleaved", "pipeline.virtual_stages": 2},
+    "pipeline-remat": {"mesh.data": 2, "mesh.pipeline": 4, "model.num_layers": 8,
+                       "pipeline.microbatches": 8, "model.remat": "full"},
 }
 
 

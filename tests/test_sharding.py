@@ -39,10 +39,10 @@ def test_parameters_are_born_sharded_on_a_2x2x2_mesh():
     p = state["params"]
     assert p["embed"][...].sharding.spec == P("tensor", "fsdp")
     assert p["unembed"][...].sharding.spec == P("tensor", "fsdp")
-    assert p["blocks"]["attn"]["wq"][...].sharding.spec == P(None, "fsdp", "tensor", None)
-    assert p["blocks"]["attn"]["wo"][...].sharding.spec == P(None, "tensor", None, "fsdp")
-    assert p["blocks"]["mlp"]["wi"][...].sharding.spec == P(None, "fsdp", "tensor")
-    assert p["blocks"]["mlp"]["wo"][...].sharding.spec == P(None, "tensor", "fsdp")
+    assert p["blocks"]["attn"]["wq"][...].sharding.spec == P("pipeline", "fsdp", "tensor", None)
+    assert p["blocks"]["attn"]["wo"][...].sharding.spec == P("pipeline", "tensor", None, "fsdp")
+    assert p["blocks"]["mlp"]["wi"][...].sharding.spec == P("pipeline", "fsdp", "tensor")
+    assert p["blocks"]["mlp"]["wo"][...].sharding.spec == P("pipeline", "tensor", "fsdp")
     # A [layers, embed, mlp] kernel is really split 4 ways: each device holds a quarter.
     wi = p["blocks"]["mlp"]["wi"][...]
     assert wi.addressable_shards[0].data.shape == (2, 32, 64)
