@@ -34,7 +34,9 @@ def get_config(arg=None):
         sample_tokens=200,   # tokens generated from the final model (0 = none)
         progress=True,
         microbatches=1,      # gradient accumulation: microbatches per step (must divide batch_size)
-        skip_nonfinite=False,  # skip updates with non-finite gradients (always on with loss scaling)
+        skip_nonfinite=False,  # skip updates with non-finite gradients (always on with loss
+                               # scaling); off, a non-finite loss stops the run
+        init_from="",        # start from these parameters: a checkpoint dir or a workdir
     ))
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw",        # 'adamw' | 'lamb' | 'lars' | 'nvlamb' | 'sgd' (momentum)
@@ -74,7 +76,9 @@ def get_config(arg=None):
     # data.path: a directory from `python -m lm.data.prepare`; "" trains on the embedded corpus
     # (the stdlib's sources, prepared into WORKDIR/data with val_fraction held out).
     c.data = ml_collections.ConfigDict(dict(path="", val_fraction=0.02, shuffle=True, prefetch=2))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=2))
+    # checkpoint: every N steps (0: only at the end), asynchronously; the `keep` most recent and
+    # every multiple of `keep_every` stay. A workdir with checkpoints resumes from the latest.
+    c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=2, keep_every=0, async_save=True))
     # With mesh.pipeline > 1: schedule 'gpipe' or 'interleaved' (virtual_stages layer chunks per
     # stage), microbatches per step a multiple of the stages; see lm/pipeline.py.
     c.pipeline = ml_collections.ConfigDict(dict(schedule="gpipe", microbatches=1,

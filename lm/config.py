@@ -72,7 +72,8 @@ class TrainConfig:
     progress: bool = True
     microbatches: int = 1  # gradient accumulation: the batch is split into this many, in one jit
     skip_nonfinite: bool = False  # skip an update whose gradients are not finite (always on
-                                  # with dynamic loss scaling)
+                                  # with dynamic loss scaling); off: a non-finite loss stops the run
+    init_from: str = ""  # parameters only, from a checkpoint directory or a training workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +152,9 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0  # 0 = only the final checkpoint
-    keep: int = 2
+    keep: int = 2  # the most recent ones kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    async_save: bool = True  # write in the background while training goes on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +365,8 @@ def validate(run: RunConfig) -> None:
     _check(run.data.prefetch >= 0, "data.prefetch", f"must be >= 0, got {run.data.prefetch}")
     _check(run.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {run.checkpoint.every}")
     _check(run.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {run.checkpoint.keep}")
+    _check(run.checkpoint.keep_every >= 0, "checkpoint.keep_every",
+           f"must be >= 0 (0: none), got {run.checkpoint.keep_every}")
 
     p = run.precision
     _check(p.loss_scale in LOSS_SCALE, "precision.loss_scale",

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import generate, sharding
-from lm.checkpoint import Checkpointer
+from lm.checkpoint import Checkpointer, restore_params
 from lm.config import ConfigError, RunConfig, from_config_dict
 from lm.data.corpus import prepare_stdlib
 from lm.data.dataset import Dataset
@@ -44,8 +45,14 @@ class Trainer:
     tx: optax.GradientTransformation
     state_sharding: dict[str, Any]
     init: Any        # () -> state
+    init_from_params: Any  # params -> state (fresh optimizer state around given parameters)
     train_step: Any  # (state, batch) -> (state, metrics)
     eval_step: Any   # (params, batch) -> loss
+
+    def abstract_state(self) -> dict[str, Any]:
+        """Shapes, dtypes and shardings of the state (for restoring onto this mesh)."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(self.init), self.state_sharding)
 
 
 def loss_fn(graphdef, params, batch_bt: jax.Array, pipeline: Pipeline | None = None
@@ -103,7 +110,9 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     batch_axes = sharding.batch_sharding(mesh).spec[0]
 
     def init():
-        params = nnx.state(make_model())
+        return init_from_params(nnx.state(make_model()))
+
+    def init_from_params(params):
         opt_state = ({"master": to_f32(params), "tx": tx.init(to_f32(params))} if master
                      else tx.init(params))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
@@ -184,6 +193,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     return Trainer(
         run=run, mesh=mesh, graphdef=graphdef, tx=tx, state_sharding=state_sharding,
         init=jax.jit(init, out_shardings=state_sharding),
+        init_from_params=jax.jit(init_from_params, out_shardings=state_sharding),
         train_step=jax.jit(train_step, donate_argnums=(0,),
                            out_shardings=(state_sharding, replicated)),
         eval_step=jax.jit(eval_step),
@@ -207,15 +217,16 @@ def _pipeline(run: RunConfig, mesh: jax.sharding.Mesh) -> Pipeline | None:
     return pipe
 
 
+class TrainingStopped(Exception):
+    """The run cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
 def train(run: RunConfig, workdir: str) -> dict[str, Any]:
-    """Runs `run` to completion in `workdir`; returns the final state (sharded arrays)."""
+    """Runs `run` to completion in `workdir`, resuming from its latest complete checkpoint;
+    returns the final state (sharded arrays). SIGTERM / SIGINT save a checkpoint at the next
+    step boundary and return early."""
     workdir = os.path.abspath(workdir)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        # Refuse now rather than fail at the final save after hours of training.
-        raise ConfigError(f"--workdir {workdir} already holds checkpoints "
-                          f"({sorted(os.listdir(ckpt_dir))}); resuming is not supported yet: "
-                          "choose a new --workdir")
+    _check_writable(workdir)
     mesh = sharding.make_mesh(run.mesh)
     t, m = run.train, run.model
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -224,6 +235,10 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
                           f"train.microbatches x mesh.data x mesh.fsdp "
                           f"({t.microbatches} x {data_ways}): each microbatch is split over "
                           "the data devices")
+    ckpt = Checkpointer(workdir, keep=run.checkpoint.keep, keep_every=run.checkpoint.keep_every,
+                        async_save=run.checkpoint.async_save)
+    if ckpt.all_steps():
+        _check_same_model(run, ckpt)
     dataset = open_dataset(run, workdir)
     tokenizer = dataset.tokenizer
     if m.vocab_size < tokenizer.vocab_size:
@@ -239,7 +254,6 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(f"data {dataset.path}: {e}") from None
     if jax.process_index() == 0:  # generation and serving find the tokenizer in the workdir
-        os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, DATA_FILE), "w") as f:
             json.dump({"path": dataset.path, "fingerprint": dataset.fingerprint,
                        "tokenizer": tokenizer.save(workdir)}, f, indent=1)
@@ -251,18 +265,43 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
         tracker.write(f"note: the validation split holds {eval_batches} batches of "
                       f"{t.batch_size} x {t.seq_len}; evaluating on those, not "
                       f"train.eval_batches={t.eval_batches}")
-    ckpt = Checkpointer(workdir, keep=run.checkpoint.keep)
     lr = schedule(run.optim, t.steps)
-    with jax.set_mesh(mesh):  # build() sets the rules of mesh.rules inside its jitted functions
+    stop = _StopRequest()
+    with jax.set_mesh(mesh), stop:  # build() sets the rules of mesh.rules inside its jits
         trainer = build(run, mesh)
-        state = trainer.init()
+        start, state = _initial_state(run, trainer, ckpt, train_data, tracker)
         tracker.write(f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
                       f"mesh {dict(mesh.shape)}, {dataset.num_tokens('train'):,} train tokens "
-                      f"({train_data.num_sequences:,} sequences) from {dataset.path}")
+                      f"({train_data.num_sequences:,} sequences) from {dataset.path}" +
+                      (f"; resumed from step {start}" if start else ""))
+        tracker.advance(start)
+        check_finite = not (run.train.skip_nonfinite or run.precision.dynamic(run.model))
+        saved = set(ckpt.all_steps())
+
+        def save(step):
+            if step not in saved:
+                ckpt.save(step, state, train_data.state_dict(), run.to_dict())
+                saved.add(step)
+
+        def require_finite(step, loss):
+            if check_finite and not np.isfinite(float(loss)):
+                ckpt.wait()
+                last = max(saved, default=None)
+                raise TrainingStopped(
+                    f"the loss is {float(loss)} at step {step}: stopping (the state after it is "
+                    f"not saved; the last good checkpoint is "
+                    f"{f'step {last}' if last else 'none'}). Lower optim.lr, raise "
+                    "optim.warmup_steps or optim.clip_norm, or set train.skip_nonfinite=True to "
+                    "skip such steps")
 
         window_start, window_steps = None, 0
-        for step in range(1, t.steps + 1):
+        previous = None  # (step, loss) of the step before, checked once the next is queued
+        step = start
+        for step in range(start + 1, t.steps + 1):
             state, metrics = trainer.train_step(state, next(train_data))
+            if previous is not None:
+                require_finite(*previous)
+            previous = (step, metrics["loss"])
             window_steps += 1
             if window_start is None:  # the first step compiles; time from its end
                 jax.block_until_ready(metrics)
@@ -281,6 +320,7 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
                 tracker.log(step, record)
                 window_start, window_steps = time.perf_counter(), 0
             if step % t.eval_every == 0 or step == t.steps:
+                require_finite(step, metrics["loss"])
                 losses = [trainer.eval_step(state["params"],
                                             eval_data.batch_at(LoaderState(0, i * t.batch_size)))
                           for i in range(eval_batches)]
@@ -288,13 +328,25 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
                 tracker.log(step, {"eval_loss": eval_loss})
                 tracker.write(f"step {step}: eval_loss {eval_loss:.4f}")
                 window_start, window_steps = time.perf_counter(), 0  # don't bill eval to training
-            if run.checkpoint.every and step % run.checkpoint.every == 0 and step != t.steps:
-                ckpt.save(step, state, train_data.state_dict())
+            if run.checkpoint.every and step % run.checkpoint.every == 0:
+                require_finite(step, metrics["loss"])
+                save(step)
             tracker.advance(step)
+            if stop.agreed(step):
+                require_finite(step, metrics["loss"])
+                save(step)
+                tracker.write(f"received {stop.name}: saved step {step} in {ckpt.directory}; "
+                              "run the same command to resume")
+                break
+        else:
+            if previous is not None:
+                require_finite(*previous)
+            save(step)
         train_data.close()
-        ckpt.save(t.steps, state, train_data.state_dict())
         ckpt.close()
     tracker.finish()
+    if stop.name:
+        return state
 
     if t.sample_tokens:
         prompt = tokenizer.encode("def ")[None].astype(np.int32)
@@ -307,6 +359,97 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
             print("----- sample -----\n" + tokenizer.decode(jax.device_get(out)[0]) +
                   "\n------------------", flush=True)
     return state
+
+
+def _check_writable(workdir: str) -> None:
+    """A clear error now for a workdir that cannot be written, not at the first save."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable: {e}") from None
+
+
+def _check_same_model(run: RunConfig, ckpt: Checkpointer) -> None:
+    """Resuming must train the same model: compare with the config saved in the checkpoint."""
+    saved = ckpt.restore_config(ckpt.latest_step())
+    if saved is None:
+        return
+    now = run.to_dict()
+    diff = {k: (saved["model"].get(k), v) for k, v in now["model"].items()
+            if saved["model"].get(k) != v}
+    if diff:
+        raise ConfigError(f"--workdir {os.path.dirname(ckpt.directory)} holds checkpoints of "
+                          "another model (" + ", ".join(f"model.{k}: saved {a!r}, now {b!r}"
+                                                        for k, (a, b) in diff.items()) +
+                          "); use a new --workdir, or train.init_from to start from its "
+                          "parameters")
+
+
+def _initial_state(run: RunConfig, trainer: Trainer, ckpt: Checkpointer, train_data: Loader,
+                   tracker: Tracker) -> tuple[int, dict[str, Any]]:
+    """(step, state): the latest good checkpoint's, else fresh (from train.init_from's
+    parameters if set)."""
+    if ckpt.all_steps():
+        restored = ckpt.restore_latest(trainer.abstract_state(), log=tracker.write)
+        if restored is None:
+            raise ConfigError(f"no checkpoint in {ckpt.directory} could be restored (the "
+                              "damaged ones were moved aside as STEP.damaged); run again to "
+                              "start from scratch, or use another --workdir")
+        step, state, loader_state = restored
+        if loader_state is not None:
+            try:
+                train_data.load_state_dict(loader_state)
+            except ValueError as e:
+                raise ConfigError(f"cannot resume step {step}: {e}") from None
+        return step, state
+    if run.train.init_from:
+        abstract = trainer.abstract_state()["params"]
+        step, params = restore_params(run.train.init_from, abstract)
+        tracker.write(f"parameters from {run.train.init_from} (step {step})")
+        return 0, trainer.init_from_params(params)
+    return 0, trainer.init()
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT (a preemption notice, Ctrl-C) ask the loop to save and stop at the next
+    step boundary; a second SIGINT interrupts at once. With several processes, all stop at the
+    same step: each step they agree on whether any process was signalled."""
+
+    def __init__(self):
+        self.name = None
+        self.previous = {}
+
+    def __enter__(self):
+        import signal
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+        self.name = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # a second Ctrl-C is a KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.name is not None
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.int32(self.name is not None))
+        if flags.any() and self.name is None:
+            self.name = "a stop request on another process"
+        return bool(flags.any())
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def open_dataset(run: RunConfig, workdir: str) -> Dataset:
@@ -353,6 +496,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:  # problems only visible once devices and data are known
         print(f"lm.train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        print(f"lm.train: stopped: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -111,17 +111,6 @@ def test_trains_on_a_prepared_bpe_corpus(tmp_path):
         train.train(small_run(**{"data.path": str(tmp_path)}), str(tmp_path / "run3"))
 
 
-def test_refuses_a_workdir_with_checkpoints(tmp_path):
-    (tmp_path / "checkpoints" / "400").mkdir(parents=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "lm.train", "--config", "configs/tiny.py",
-         "--workdir", str(tmp_path), "--config.train.steps=2"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 2
-    assert "already holds checkpoints" in proc.stderr and "Traceback" not in proc.stderr
-    assert os.listdir(tmp_path / "checkpoints") == ["400"]  # nothing touched
-
-
 def test_batch_not_divisible_by_data_axis_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "lm.train", "--config", "configs/tiny.py",

@@ -1,0 +1,210 @@
+"""Checkpoints, exact resume and faults, through the real `python -m lm.train` where it matters:
+SIGKILL and SIGTERM mid-run, damaged checkpoints, another mesh, a non-finite loss, a bad disk."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, small_run
+from lm import sharding, train
+from lm.checkpoint import Checkpointer, restore_params
+from lm.config import ConfigError, MeshConfig
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from lm.data.corpus import prepare_stdlib
+    return prepare_stdlib(str(tmp_path_factory.mktemp("data") / "stdlib"))
+
+
+def command(workdir, data, *extra):
+    # configs/tiny.py at full size (~0.3 s a step here: slow enough to be killed mid-run), one
+    # device, a constant learning rate after warmup so that train.steps does not change it.
+    return [sys.executable, "-m", "lm.train", "--config", "configs/tiny.py", "--workdir",
+            str(workdir), f"--config.data.path={data}", "--config.mesh.data=1",
+            "--config.train.log_every=1", "--config.train.eval_every=1000",
+            "--config.train.sample_tokens=0", "--config.train.progress=False",
+            "--config.optim.schedule=constant", "--config.optim.warmup_steps=5", *extra]
+
+
+def losses(workdir):
+    """step -> loss, the last record of each step (a resumed run logs its steps again)."""
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+ONE_DEVICE = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def run(cmd, timeout=600):
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=ONE_DEVICE)
+
+
+def start(cmd):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=ONE_DEVICE)
+
+
+def wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigkill_after_a_checkpoint_resumes_bit_for_bit(tmp_path, data):
+    whole = run(command(tmp_path / "whole", data, "--config.train.steps=20",
+                        "--config.checkpoint.every=10"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    want = losses(tmp_path / "whole")
+    assert sorted(want) == list(range(1, 21))
+
+    workdir = tmp_path / "killed"
+    proc = start(command(workdir, data, "--config.train.steps=20",
+                         "--config.checkpoint.every=10"))
+    wait_for(lambda: (workdir / "checkpoints" / "10").is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(losses(workdir)) < 20  # it really died mid-run
+    assert sorted(Checkpointer(str(workdir), read_only=True).all_steps()) == [10]
+
+    again = run(command(workdir, data, "--config.train.steps=20",
+                        "--config.checkpoint.every=10"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 10" in again.stdout + again.stderr
+    got = losses(workdir)
+    assert [got[s] for s in range(11, 21)] == [want[s] for s in range(11, 21)]  # bit for bit
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, data):
+    workdir = tmp_path / "run"
+    proc = start(command(workdir, data, "--config.train.steps=1000"))
+    metrics = workdir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped = max(losses(workdir))
+    assert 3 <= stopped < 1000
+    assert f"received SIGTERM: saved step {stopped}" in out + err
+    assert Checkpointer(str(workdir), read_only=True).all_steps() == [stopped]
+
+    again = run(command(workdir, data, f"--config.train.steps={stopped + 2}"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from step {stopped}" in again.stdout + again.stderr
+    assert max(losses(workdir)) == stopped + 2
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, data):
+    workdir = tmp_path / "run"
+    first = run(command(workdir, data, "--config.train.steps=8", "--config.checkpoint.every=1",
+                        "--config.checkpoint.keep=2", "--config.checkpoint.keep_every=4"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    # keep 2 most recent, and every multiple of 4
+    assert Checkpointer(str(workdir), read_only=True).all_steps() == [4, 7, 8]
+    for root, _, files in os.walk(workdir / "checkpoints" / "8" / "state"):
+        for name in files:  # truncate every file of the newest checkpoint's state
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    again = run(command(workdir, data, "--config.train.steps=9"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    log = again.stdout + again.stderr
+    assert "checkpoint step 8" in log and "is damaged" in log and "resumed from step 7" in log
+    assert (workdir / "checkpoints" / "8.damaged").is_dir()  # set aside, not deleted
+    assert sorted(losses(workdir)) == list(range(1, 10))
+
+
+def test_a_checkpoint_restores_onto_other_meshes_and_as_parameters_only(tmp_path):
+    flat = {"train.steps": 3, "optim.warmup_steps": 1}
+    batches = [jax.random.randint(jax.random.key(i), (8, 33), 0, 256) for i in range(3)]
+
+    def trainer_on(shape):
+        mesh = sharding.make_mesh(MeshConfig(**shape),
+                                  devices=jax.devices()[:int(np.prod(list(shape.values())))])
+        return mesh, train.build(small_run(**flat, **{f"mesh.{k}": v for k, v in shape.items()}),
+                                 mesh)
+
+    mesh, trainer = trainer_on({"data": 8})
+    with jax.set_mesh(mesh):
+        state = trainer.init()
+        for b in batches[:2]:
+            state, _ = trainer.train_step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+        ckpt = Checkpointer(str(tmp_path))
+        ckpt.save(2, state)
+        ckpt.close()
+        saved_params = jax.device_get(state["params"])
+        _, metrics = trainer.train_step(state, jax.device_put(batches[2],
+                                                              sharding.batch_sharding(mesh)))
+    want = float(metrics["loss"])
+
+    for shape in ({"data": 1, "fsdp": 4, "tensor": 2}, {"data": 1}):
+        mesh, trainer = trainer_on(shape)
+        with jax.set_mesh(mesh):
+            ckpt = Checkpointer(str(tmp_path), read_only=True)
+            restored = ckpt.restore(2, trainer.abstract_state())
+            ckpt.close()
+            wq = restored["params"]["blocks"]["attn"]["wq"][...]
+            assert wq.sharding.mesh.shape == mesh.shape
+            _, metrics = trainer.train_step(restored, jax.device_put(
+                batches[2], sharding.batch_sharding(mesh)))
+        assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5), shape
+
+    # Parameters only, under another optimizer (LAMB: another optimizer-state tree).
+    run_lamb = small_run(**flat, **{"optim.name": "lamb", "mesh.data": 1})
+    mesh = sharding.make_mesh(run_lamb.mesh, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        trainer = train.build(run_lamb, mesh)
+        step, params = restore_params(str(tmp_path), trainer.abstract_state()["params"])
+        fresh = trainer.init_from_params(params)
+    assert step == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh["params"]), saved_params)
+    assert int(fresh["step"]) == 0
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    workdir = tmp_path / "run"
+    proc = run(command(workdir, data, "--config.train.steps=50", "--config.optim.name=sgd",
+                       "--config.optim.lr=1e6", "--config.optim.warmup_steps=0",
+                       "--config.checkpoint.every=1"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "the loss is nan at step" in proc.stderr or "the loss is inf at step" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad = int(proc.stderr.split(" at step ")[1].split(":")[0])
+    steps = Checkpointer(str(workdir), read_only=True).all_steps()
+    assert steps and max(steps) < bad  # nothing at or after the bad step was saved
+    assert f"the last good checkpoint is step {max(steps)}" in proc.stderr
+
+
+def test_an_unwritable_workdir_and_a_full_disk_are_clear_errors(tmp_path, data):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run(command(blocker / "run", data, "--config.train.steps=2"))
+    assert proc.returncode == 2 and "is not writable" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk")
+    try:
+        proc = run(command(disk / "run", data, "--config.train.steps=2"), timeout=300)
+    finally:
+        subprocess.run(["umount", str(disk)])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    # (orbax's writer thread also logs its own traceback before ours)
+    assert "lm.train: error: cannot write checkpoints" in proc.stderr
+    assert "No space left" in proc.stderr
