@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import generate, sharding
+from lm import distributed, generate, sharding
 from lm.checkpoint import Checkpointer, restore_params
 from lm.config import ConfigError, RunConfig, from_config_dict
 from lm.data.corpus import prepare_stdlib
@@ -475,8 +475,20 @@ def main(argv: list[str] | None = None) -> None:
         "config", None, "configs/NAME.py[:ARG]", flag_values=flag_values, lock_config=True,
         sys_argv=argv)
     workdir = flags.DEFINE_string("workdir", None, "output directory", flag_values=flag_values)
+    # Multi-process runs (lm.distributed): flags, else LM_* / SLURM / Open MPI environment.
+    coordinator = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0",
+                                      flag_values=flag_values)
+    num_processes = flags.DEFINE_integer("num_processes", None, "processes in the run",
+                                         flag_values=flag_values)
+    process_id = flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1",
+                                      flag_values=flag_values)
+    local_device_ids = flags.DEFINE_string("local_device_ids", None,
+                                           "comma-separated devices of this process",
+                                           flag_values=flag_values)
     try:
         flag_values(argv)
+        distributed.initialize(coordinator.value, num_processes.value, process_id.value,
+                               local_device_ids.value)
         if config_flag.value is None:
             raise ConfigError("--config is required, e.g. --config configs/tiny.py")
         if workdir.value is None:
