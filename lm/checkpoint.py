@@ -123,22 +123,42 @@ class Checkpointer:
         self.manager.close()
 
 
+def _step_dir(path: str) -> str:
+    """One checkpoint step's directory for a workdir (its latest), its checkpoints/ or a step."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")):  # one step: .../checkpoints/STEP
+        return path
+    root = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    if not steps:
+        raise ConfigError(f"no checkpoint in {path}: expected a training workdir, its "
+                          "checkpoints/ directory, or one checkpoints/STEP directory")
+    return os.path.join(root, str(steps[-1]))
+
+
+def run_config_of(path: str):
+    """(RunConfig, workdir) of a checkpoint: its saved config item, else WORKDIR/config.json."""
+    import json
+
+    from lm.config import from_config_dict
+    step_dir = _step_dir(path)
+    workdir = os.path.dirname(os.path.dirname(step_dir))
+    for candidate in (os.path.join(step_dir, "config", "metadata"),
+                      os.path.join(workdir, "config.json")):
+        if os.path.exists(candidate):
+            with open(candidate) as f:
+                saved = json.load(f)
+            import ml_collections
+            return from_config_dict(ml_collections.ConfigDict(saved)), workdir
+    raise ConfigError(f"no config found for the checkpoint {step_dir} (neither its config item "
+                      f"nor {workdir}/config.json)")
+
+
 def restore_params(path: str, abstract_params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Parameters only (for evaluation, generation, fine-tuning with another optimizer) from a
     training workdir (its latest step), its `checkpoints/` directory or one step's directory,
     into the shapes, dtypes and shardings of `abstract_params`."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")):  # one step: .../checkpoints/STEP
-        step_dir = path
-    else:
-        root = path if os.path.basename(path) == "checkpoints" else os.path.join(path,
-                                                                                  "checkpoints")
-        steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(
-            root) else []
-        if not steps:
-            raise ConfigError(f"no checkpoint in {path}: expected a training workdir, its "
-                              "checkpoints/ directory, or one checkpoints/STEP directory")
-        step_dir = os.path.join(root, str(steps[-1]))
+    step_dir = _step_dir(path)
     with ocp.PyTreeCheckpointer() as ckptr:
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,

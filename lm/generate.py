@@ -1,16 +1,27 @@
-"""Sampling text from a trained model (the simple path: no KV cache yet).
+"""Generating text: a KV-cache engine and the sampling pieces it is made of.
 
-`sample` keeps the whole loop inside one jit: each step reruns the causal forward over a fixed
-[B, max_len] buffer and writes one new token. The KV-cache engine (prefill + decode slots) replaces
-this for serving; this path is for the end-of-training sample and for tests.
+    python -m lm.generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3)
+        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
+
+`Engine.generate` prefills a batch of prompts of different lengths into a preallocated KV cache
+and decodes with one jitted `while_loop` until every request is done, each request with its own
+temperature, top-k, top-p, seed, stop ids and max_new_tokens. `temperature_scale`,
+`top_k_mask`, `top_p_mask` and `sample_tokens` are the separately tested pieces.
+
+`sample` is the simple path kept for the end-of-training sample: it reruns the causal forward
+over a fixed [B, max_len] buffer for each new token (no cache).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from lm.model import Transformer, init_cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "length", "temperature"))
@@ -45,3 +56,257 @@ def sample(model_or_graphdef, params=None, *, prompt: jax.Array, num_tokens: int
     length = p + num_tokens
     buf = jnp.zeros((b, length), jnp.int32).at[:, :p].set(prompt)
     return _sample(graphdef, params, buf, p, jax.random.key(seed), length, float(temperature))
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV-cache engine
+
+
+def temperature_scale(logits_bv: jax.Array, temperature_b: jax.Array) -> jax.Array:
+    """logits / temperature per row (rows at temperature 0 are left as they are: greedy)."""
+    t = jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
+    return logits_bv / t
+
+
+def top_k_mask(logits_bv: jax.Array, k_b: jax.Array) -> jax.Array:
+    """Keeps each row's k largest logits (ties at the k-th included), -inf elsewhere; k <= 0
+    keeps all."""
+    v = logits_bv.shape[-1]
+    k = jnp.where(k_b > 0, jnp.minimum(k_b, v), v)
+    kth = jnp.take_along_axis(jnp.sort(logits_bv, axis=-1)[:, ::-1], (k - 1)[:, None], axis=-1)
+    return jnp.where(logits_bv >= kth, logits_bv, -jnp.inf)
+
+
+def top_p_mask(logits_bv: jax.Array, p_b: jax.Array) -> jax.Array:
+    """Nucleus: keeps each row's most likely tokens whose probabilities, in decreasing order,
+    first reach p (the token that crosses p included), -inf elsewhere; p >= 1 keeps all."""
+    order = jnp.argsort(-logits_bv, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits_bv, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep_sorted = (before < p_b[:, None]) | (p_b[:, None] >= 1.0)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits_bv.shape[0])[:, None], order].set(
+        keep_sorted)
+    return jnp.where(keep, logits_bv, -jnp.inf)
+
+
+def sample_tokens(logits_bv, keys_b, temperature_b, top_k_b, top_p_b) -> jax.Array:
+    """One token per row: greedy where temperature is 0, else a draw from the temperature-scaled
+    logits restricted to the top-k and then the top-p set, with each row's own key."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    greedy = jnp.argmax(logits_bv, axis=-1)
+    scaled = top_p_mask(top_k_mask(temperature_scale(logits_bv, temperature_b), top_k_b),
+                        top_p_b)
+    drawn = jax.vmap(jax.random.categorical)(keys_b, scaled)
+    return jnp.where(temperature_b > 0, drawn, greedy).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per request. temperature 0 is greedy; top_k 0 and top_p 1 are off; generation stops at
+    max_new_tokens, at a token in stop_ids (not returned) or at a stop string (the text is cut
+    before it)."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "steps"))
+def _generate(graphdef, params, prompt_bp, lengths_b, max_new_b, temperature_b, top_k_b,
+              top_p_b, seeds_b, stop_ids_bs, cache_len: int, steps: int):
+    """Prefill, then decode until every row is done: the whole loop is one jitted while_loop."""
+    model = nnx.merge(graphdef, params)
+    b, p = prompt_bp.shape
+    rows = jnp.arange(b)
+    cache = init_cache(model.cfg, b, cache_len)
+    logits, cache = model.decode(prompt_bp, jnp.broadcast_to(jnp.arange(p), (b, p)), cache)
+    last_bv = logits[rows, lengths_b - 1]
+    keys_b = jax.vmap(jax.random.key)(seeds_b)
+
+    def body(carry):
+        i, out_bn, count_b, done_b, last_bv, cache = carry
+        token_b = sample_tokens(last_bv, jax.vmap(jax.random.fold_in, (0, None))(keys_b, i),
+                                temperature_b, top_k_b, top_p_b)
+        stopped_b = jnp.any(token_b[:, None] == stop_ids_bs, axis=-1)
+        live_b = ~done_b & ~stopped_b
+        out_bn = out_bn.at[:, i].set(jnp.where(live_b, token_b, -1))
+        count_b = count_b + live_b
+        done_b = done_b | stopped_b | (count_b >= max_new_b)
+        position_b = jnp.minimum(lengths_b + i, cache_len - 1)
+        logits, cache = model.decode(token_b[:, None], position_b[:, None], cache)
+        return i + 1, out_bn, count_b, done_b, logits[:, 0], cache
+
+    init = (jnp.int32(0), jnp.full((b, steps), -1, jnp.int32), jnp.zeros(b, jnp.int32),
+            max_new_b <= 0, last_bv, cache)
+    _, out_bn, count_b, _, _, _ = jax.lax.while_loop(
+        lambda c: (c[0] < steps) & ~jnp.all(c[3]), body, init)
+    return out_bn, count_b
+
+
+class Engine:
+    """Batched generation with a KV cache for a model's parameters.
+
+        engine = Engine(graphdef, params)            # or Engine.from_checkpoint(path)
+        ids = engine.generate([[5, 6, 7], [9]], SamplingParams(max_new_tokens=20))
+
+    Prompts of different lengths share one batch (right-padded; each row attends only to its
+    own positions), each with its own sampling parameters. Shapes are bucketed (batch and prompt
+    length to powers of two) so that few programs are compiled."""
+
+    def __init__(self, graphdef, params, tokenizer=None):
+        self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
+        self.cfg = graphdef.cfg if hasattr(graphdef, "cfg") else nnx.merge(graphdef, params).cfg
+        self.max_len = self.cfg.max_len
+
+    @classmethod
+    def from_checkpoint(cls, path: str) -> "Engine":
+        """A training workdir (its latest checkpoint), its checkpoints/ or one checkpoints/STEP
+        directory; the tokenizer from the workdir when it has one."""
+        from lm.checkpoint import restore_params, run_config_of
+        from lm.data import tokenizer as tokenizers
+        run, workdir = run_config_of(path)
+        with nnx.logical_axis_rules(()):
+            graphdef, abstract = nnx.split(nnx.eval_shape(
+                lambda: Transformer(run.model, rngs=nnx.Rngs(0))))
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+            abstract)
+        _, params = restore_params(path, abstract)
+        tok = None
+        try:
+            tok = tokenizers.from_workdir(workdir)
+        except (OSError, ValueError, KeyError):
+            pass
+        return cls(graphdef, params, tok)
+
+    def generate(self, prompts: list[list[int]],
+                 sampling: SamplingParams | list[SamplingParams] = SamplingParams()
+                 ) -> list[list[int]]:
+        """The generated ids of each prompt (without the prompt, without a stop id)."""
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sampling)} sampling parameters")
+        for i, (ids, sp) in enumerate(zip(prompts, sampling)):
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            if len(ids) + sp.max_new_tokens > self.max_len:
+                raise ValueError(f"prompt {i}: {len(ids)} tokens + max_new_tokens "
+                                 f"{sp.max_new_tokens} exceed the model's context "
+                                 f"({self.max_len})")
+            if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
+                raise ValueError(f"prompt {i}: token ids must be in [0, {self.cfg.vocab_size})")
+        n = len(prompts)
+        b = _bucket(n)
+        p = min(_bucket(max(len(x) for x in prompts)), self.max_len)
+        steps = max(sp.max_new_tokens for sp in sampling)
+        steps = min(_bucket(steps), self.max_len)
+        pad = lambda xs, fill: xs + [fill] * (b - n)
+        prompt_bp = np.zeros((b, p), np.int32)
+        for i, ids in enumerate(prompts):
+            prompt_bp[i, :len(ids)] = ids
+        stop_w = max([len(sp.stop_ids) for sp in sampling] + [1])
+        stop_bs = np.full((b, stop_w), -1, np.int32)
+        for i, sp in enumerate(sampling):
+            stop_bs[i, :len(sp.stop_ids)] = sp.stop_ids
+        out_bn, count_b = _generate(
+            self.graphdef, self.params, jnp.asarray(prompt_bp),
+            jnp.asarray(pad([len(x) for x in prompts], 1), jnp.int32),
+            jnp.asarray(pad([sp.max_new_tokens for sp in sampling], 0), jnp.int32),
+            jnp.asarray(pad([sp.temperature for sp in sampling], 0.0), jnp.float32),
+            jnp.asarray(pad([sp.top_k for sp in sampling], 0), jnp.int32),
+            jnp.asarray(pad([sp.top_p for sp in sampling], 1.0), jnp.float32),
+            jnp.asarray(pad([sp.seed for sp in sampling], 0), jnp.uint32),
+            jnp.asarray(stop_bs), cache_len=self.max_len, steps=steps)
+        out_bn, count_b = np.asarray(out_bn), np.asarray(count_b)
+        result = []
+        for i, sp in enumerate(sampling):
+            ids = [int(t) for t in out_bn[i] if t >= 0][:int(count_b[i])]
+            if sp.stop and self.tokenizer is not None:
+                ids = _cut_at_stop(ids, sp.stop, self.tokenizer)
+            result.append(ids)
+        return result
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def _cut_at_stop(ids: list[int], stop: tuple[str, ...], tokenizer) -> list[int]:
+    """The shortest prefix of `ids` whose text contains a stop string, minus the tokens that
+    complete it (the text is then cut before the stop string by `text_of`)."""
+    for j in range(1, len(ids) + 1):
+        text = tokenizer.decode(np.asarray(ids[:j]))
+        if any(s in text for s in stop):
+            return ids[:j]
+    return ids
+
+
+def text_of(ids: list[int], tokenizer, stop: tuple[str, ...] = ()) -> str:
+    text = tokenizer.decode(np.asarray(ids, np.int32))
+    for s in stop:
+        if s in text:
+            text = text[:text.index(s)]
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    import sys
+
+    from lm.config import ConfigError
+    parser = argparse.ArgumentParser(prog="python -m lm.generate",
+                                     description="Generate text from a checkpoint.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training workdir (its latest checkpoint) or one checkpoint dir")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="text, encoded with the workdir's tokenizer")
+    group.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--json", action="store_true",
+                        help="print {token_ids (generated only), text} as one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        if args.max_new_tokens <= 0:
+            raise ConfigError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+        if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+            raise ConfigError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
+        engine = Engine.from_checkpoint(args.checkpoint)
+        tok = engine.tokenizer
+        if args.prompt_ids is not None:
+            try:
+                prompt = [int(x) for x in args.prompt_ids.split(",")]
+            except ValueError:
+                raise ConfigError(f"--prompt-ids must be comma-separated integers, got "
+                                  f"{args.prompt_ids!r}") from None
+        else:
+            if tok is None:
+                raise ConfigError(f"no tokenizer found for {args.checkpoint}: use --prompt-ids")
+            prompt = [int(x) for x in tok.encode(args.prompt)]
+        sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            stop_ids=(tok.eod_id,) if tok is not None else (),
+                            stop=tuple(args.stop))
+        ids = engine.generate([prompt], sp)[0]
+    except (ConfigError, ValueError) as e:
+        print(f"lm.generate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    text = text_of(ids, tok, sp.stop) if tok is not None else None
+    if args.json:
+        print(json.dumps({"token_ids": ids, "text": text}))
+    else:
+        print(text if text is not None else " ".join(map(str, ids)))
+
+
+if __name__ == "__main__":
+    main()

@@ -196,6 +196,31 @@ def causal_attention(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T 
     return out.reshape(b, t, n, h).astype(dt)
 
 
+def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bskh, v_cache_bskh, positions_bt):
+    """Attention of T new queries per row over a preallocated cache of S positions.
+
+    Writes the new keys / values at `positions_bt` (each row its own positions: prompts of
+    different lengths, or one decode step), then lets the query at position p attend to cache
+    positions 0..p. Returns the attention output and the updated (k, v) caches."""
+    b, t, n, h = q_btnh.shape
+    s, k = k_cache_bskh.shape[1], k_cache_bskh.shape[2]
+    rows = jnp.arange(b)[:, None]
+    k_cache_bskh = k_cache_bskh.at[rows, positions_bt].set(k_btkh.astype(k_cache_bskh.dtype))
+    v_cache_bskh = v_cache_bskh.at[rows, positions_bt].set(v_btkh.astype(v_cache_bskh.dtype))
+    dt = q_btnh.dtype
+    q = q_btnh.reshape(b, t, k, n // k, h)
+    keys, values = k_cache_bskh.astype(dt), v_cache_bskh.astype(dt)
+    if dt == jnp.float16 and jax.default_backend() == "cpu":
+        q, keys, values = (a.astype(jnp.float32) for a in (q, keys, values))
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, keys,
+                        preferred_element_type=jnp.float32) * h ** -0.5
+    visible_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+    logits = jnp.where(visible_bts[:, None, None], logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, values, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(dt), (k_cache_bskh, v_cache_bskh)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _softmax_to(x: Array, dtype) -> Array:
     """softmax over the last axis in float32, returned in `dtype`; the backward uses that
@@ -237,7 +262,11 @@ class Attention(nnx.Module):
             self.bv = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
             self.bo = _param(rngs, zeros, (d,), ("embed",), dtype)
 
-    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None) -> Float[Array, "B T D"]:
+    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None
+                 ) -> Float[Array, "B T D"] | tuple[Float[Array, "B T D"], tuple]:
+        """With `cache` = (k [B, S, K, H], v, positions_bt): this call's keys and values are
+        written at their positions and the queries attend to every cached position at or before
+        their own; returns (output, (k, v)). Without, causal attention over x alone."""
         cfg, dt = self.cfg, x_btd.dtype
 
         q_btnh, k_btkh, v_btkh = (dense_named(x_btd, w[...]) for w in (self.wq, self.wk, self.wv))
@@ -248,11 +277,14 @@ class Attention(nnx.Module):
         else:
             q_btnh = rope(q_btnh, rope_bt)
             k_btkh = rope(k_btkh, rope_bt)
-        out_btnh = checkpoint_name(causal_attention(q_btnh, k_btkh, v_btkh), "attention")
+        if cache is not None:
+            out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, *cache)
+        else:
+            out_btnh = checkpoint_name(causal_attention(q_btnh, k_btkh, v_btkh), "attention")
         out_btd = dense_named(out_btnh, self.wo[...], 2)
         if cfg.style == "gpt2":
             out_btd += self.bo[...].astype(dt)
-        return out_btd
+        return out_btd if cache is None else (out_btd, kv)
 
 
 class Mlp(nnx.Module):
@@ -308,11 +340,17 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None) -> Float[Array, "B T D"]:
-        """`rope_bt`: the (cos, sin) tables of `rope_tables` (llama style), else None."""
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), rope_bt)
+    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None):
+        """`rope_bt`: the (cos, sin) tables of `rope_tables` (llama style), else None;
+        `cache`: see `Attention` (then returns (x, (k, v)))."""
+        if cache is None:
+            x_btd = x_btd + self.attn(self.attn_norm(x_btd), rope_bt)
+        else:
+            attn_btd, kv = self.attn(self.attn_norm(x_btd), rope_bt, cache)
+            x_btd = x_btd + attn_btd
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-        return constrain(x_btd, ("batch", "length", "embed"))
+        x_btd = constrain(x_btd, ("batch", "length", "embed"))
+        return x_btd if cache is None else (x_btd, kv)
 
 
 class Transformer(nnx.Module):
@@ -387,11 +425,42 @@ class Transformer(nnx.Module):
                 x_btd, _ = remat(layer, True)(x_btd, jax.tree.map(lambda a: a[i], block_state))
         return self.final_norm(x_btd)
 
+    def decode(self, tokens_bt: Int[Array, "B T"], positions_bt: Int[Array, "B T"],
+               cache: dict[str, Array]) -> tuple[Float[Array, "B T V"], dict[str, Array]]:
+        """The forward pass of new tokens at `positions_bt` against a KV cache (`init_cache`):
+        a prefill (T = the prompt length, right-padded) or a decode step (T = 1). Returns the
+        logits of the new tokens and the updated cache."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.compute_dtype)
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        if cfg.style == "gpt2":
+            x_btd += jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
+        rope_bt = (rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta)
+                   if cfg.style == "llama" else None)
+        block_def, block_state = nnx.split(self.blocks)
+
+        def layer(x_btd, xs):
+            layer_state, k_bskh, v_bskh = xs
+            x_btd, (k_bskh, v_bskh) = nnx.merge(block_def, layer_state)(
+                x_btd, rope_bt, (k_bskh, v_bskh, positions_bt))
+            return x_btd, (k_bskh, v_bskh)
+
+        x_btd, (k, v) = jax.lax.scan(layer, x_btd, (block_state, cache["k"], cache["v"]))
+        return self.logits(self.final_norm(x_btd)), {"k": k, "v": v}
+
     def logits(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Next-token logits of `hidden`'s output (in compute_dtype)."""
         table_vd = self.embed if self.cfg.tied_embeddings else self.unembed
         logits_btv = jnp.einsum("btd,vd->btv", x_btd, table_vd[...].astype(x_btd.dtype))
         return constrain(logits_btv, ("batch", "length", "vocab"))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, Array]:
+    """An empty KV cache for `batch` rows of up to `length` positions: k and v of
+    [layers, batch, length, kv_heads, head_dim] in the compute dtype (or `dtype`)."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.compute_dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def param_count(model: nnx.Module) -> int:

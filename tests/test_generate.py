@@ -1,0 +1,159 @@
+"""The KV-cache engine and its sampling pieces, and `python -m lm.generate`."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT, small_run
+from lm import generate
+from lm.generate import (Engine, SamplingParams, sample_tokens, temperature_scale, top_k_mask,
+                         top_p_mask)
+from lm.model import Transformer, init_cache
+
+
+def model_of(style):
+    extra = {"model.style": "llama", "model.num_kv_heads": 2} if style == "llama" else {}
+    return Transformer(small_run(**extra).model, rngs=nnx.Rngs(3))
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_kv_cached_decoding_equals_the_full_forward_pass(style):
+    model = model_of(style)
+    tokens = jax.random.randint(jax.random.key(1), (3, 20), 0, 300)
+    full = model(tokens)
+    # Rows with prompts of different lengths (5, 9, 12), right-padded into one prefill.
+    lengths = np.array([5, 9, 12])
+    prompt = np.where(np.arange(12)[None] < lengths[:, None], np.asarray(tokens[:, :12]), 0)
+    cache = init_cache(model.cfg, 3, 32)
+    logits, cache = model.decode(jnp.asarray(prompt), jnp.broadcast_to(jnp.arange(12), (3, 12)),
+                                 cache)
+    for row, n in enumerate(lengths):
+        np.testing.assert_allclose(logits[row, :n], full[row, :n], atol=2e-5, rtol=1e-5)
+    # Then each row decodes its own next tokens at its own positions.
+    position = jnp.asarray(lengths)
+    for _ in range(6):
+        step_tokens = tokens[jnp.arange(3), position]
+        logits, cache = model.decode(step_tokens[:, None], position[:, None], cache)
+        np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), position], atol=2e-5,
+                                   rtol=1e-5)
+        position = position + 1
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_greedy_batch_of_different_lengths_equals_each_prompt_alone(style):
+    model = model_of(style)
+    engine = Engine(*nnx.split(model))
+    prompts = [[5, 17, 3], [9, 9, 1, 4, 4, 8, 2, 11, 30], [100], [7, 7]]
+    sp = SamplingParams(max_new_tokens=12)
+    batch = engine.generate(prompts, sp)
+    assert batch == [engine.generate([p], sp)[0] for p in prompts]
+    assert all(len(ids) == 12 for ids in batch)
+    # And the cache-free sampler agrees.
+    ref = generate.sample(model, prompt=jnp.array([prompts[0]]), num_tokens=12, temperature=0.0)
+    assert batch[0] == [int(t) for t in ref[0, 3:]]
+
+
+def test_per_request_parameters_stop_ids_and_seeds_in_one_batch():
+    engine = Engine(*nnx.split(model_of("gpt2")))
+    greedy = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=10))[0]
+    stop_at = greedy[4]
+    first = greedy.index(stop_at)
+    out = engine.generate([[5, 6, 7], [5, 6, 7], [1, 2]], [
+        SamplingParams(max_new_tokens=10, stop_ids=(stop_at,)),  # stops, without the stop id
+        SamplingParams(max_new_tokens=3),
+        SamplingParams(max_new_tokens=6, temperature=1.0, seed=4)])
+    assert out[0] == greedy[:first] and out[1] == greedy[:3] and len(out[2]) == 6
+    again = engine.generate([[1, 2]], SamplingParams(max_new_tokens=6, temperature=1.0, seed=4))
+    assert again[0] == out[2]  # same seed, same output, whatever the batch
+    seeds = {tuple(engine.generate([[1, 2]], SamplingParams(max_new_tokens=6, temperature=1.0,
+                                                            seed=s))[0]) for s in range(5)}
+    assert len(seeds) > 1
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        engine.generate([[1] * 60], SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        engine.generate([[1, 999]], SamplingParams(max_new_tokens=4))
+
+
+def test_top_k_and_top_p_never_sample_outside_their_sets():
+    v, n = 40, 4000
+    logits = jax.random.normal(jax.random.key(0), (v,)) * 2.0
+    rows = jnp.broadcast_to(logits, (n, v))
+    keys = jax.random.split(jax.random.key(1), n)
+    ones = jnp.ones(n)
+    probs = np.asarray(jax.nn.softmax(logits))
+    order = np.argsort(-probs)
+
+    top5 = set(order[:5].tolist())
+    drawn = np.asarray(sample_tokens(rows, keys, ones, jnp.full(n, 5), ones))
+    assert set(drawn.tolist()) <= top5 and len(set(drawn.tolist())) == 5
+    # The frequencies follow the renormalised probabilities of the 5 (loose: 4000 draws).
+    p5 = probs[order[:5]] / probs[order[:5]].sum()
+    freq = np.array([(drawn == t).mean() for t in order[:5]])
+    np.testing.assert_allclose(freq, p5, atol=0.04)
+
+    cum = np.cumsum(probs[order])
+    nucleus = set(order[:int(np.searchsorted(cum, 0.6) + 1)].tolist())
+    drawn = np.asarray(sample_tokens(rows, keys, ones, jnp.zeros(n, jnp.int32),
+                                     jnp.full(n, 0.6)))
+    assert set(drawn.tolist()) <= nucleus and len(set(drawn.tolist())) == len(nucleus)
+    # top-k then top-p; temperature 0 is the argmax whatever the key.
+    drawn = np.asarray(sample_tokens(rows, keys, ones, jnp.full(n, 3), jnp.full(n, 0.6)))
+    assert set(drawn.tolist()) <= (set(order[:3].tolist()) & nucleus)
+    greedy = np.asarray(sample_tokens(rows, keys, jnp.zeros(n), jnp.zeros(n, jnp.int32), ones))
+    assert (greedy == order[0]).all()
+
+
+def test_the_sampling_pieces():
+    logits = jnp.array([[1.0, 3.0, 2.0, 3.0], [0.0, 0.0, 0.0, 5.0]])
+    np.testing.assert_allclose(temperature_scale(logits, jnp.array([2.0, 0.0])),
+                               [[0.5, 1.5, 1.0, 1.5], [0.0, 0.0, 0.0, 5.0]])
+    kept = np.isfinite(np.asarray(top_k_mask(logits, jnp.array([2, 0]))))
+    assert kept.tolist() == [[False, True, False, True], [True, True, True, True]]
+    # Row 0: the two tied 0.3995s reach 0.5 together (the one that crosses p is kept).
+    kept = np.isfinite(np.asarray(top_p_mask(logits, jnp.array([0.5, 0.5]))))
+    assert kept.tolist() == [[False, True, False, True], [False, False, False, True]]
+    kept = np.isfinite(np.asarray(top_p_mask(logits, jnp.array([0.3, 1.0]))))
+    assert kept.tolist() == [[False, True, False, False], [True, True, True, True]]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from lm import train
+    out = tmp_path_factory.mktemp("gen") / "run"
+    run = small_run(**{"train.steps": 2, "train.sample_tokens": 0, "train.progress": False,
+                       "train.eval_every": 2, "train.eval_batches": 1, "mesh.data": 8,
+                       "checkpoint.every": 1})
+    train.train(run, str(out))
+    return out
+
+
+def test_generate_command_line(workdir):
+    def gen(*args):
+        return subprocess.run([sys.executable, "-m", "lm.generate", *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=300)
+
+    proc = gen("--checkpoint", str(workdir), "--prompt", "def ", "--max-new-tokens", "5",
+               "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert 1 <= len(out["token_ids"]) <= 5 and isinstance(out["text"], str)
+    # Greedy is deterministic, and one checkpoint directory works as well as the workdir.
+    again = gen("--checkpoint", str(workdir / "checkpoints" / "2"), "--prompt-ids",
+                "100,101,32", "--max-new-tokens", "4", "--json")
+    assert again.returncode == 0, again.stderr[-2000:]
+    same = gen("--checkpoint", str(workdir), "--prompt-ids", "100,101,32", "--max-new-tokens",
+               "4", "--json")
+    assert json.loads(again.stdout)["token_ids"] == json.loads(same.stdout)["token_ids"]
+    for bad, message in [(["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+                         (["--prompt-ids", "1,x"], "--prompt-ids"),
+                         (["--prompt", "x" * 300], "exceed the model's context")]:
+        proc = gen("--checkpoint", str(workdir), *bad)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
+        assert "Traceback" not in proc.stderr
+    proc = gen("--checkpoint", str(workdir / "nothing"), "--prompt", "x")
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
