@@ -157,3 +157,25 @@ def test_generate_command_line(workdir):
         assert "Traceback" not in proc.stderr
     proc = gen("--checkpoint", str(workdir / "nothing"), "--prompt", "x")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+
+
+def test_exported_functions_run_in_a_fresh_process_and_match_the_engine(workdir, tmp_path):
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "lm.export", "--checkpoint", str(workdir),
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prompts = [[100, 101, 32, 40], [5, 6], [7]]
+    script = ("import json, sys\n"
+              "from lm.export import load\n"
+              f"exported = load({str(out)!r})\n"
+              f"ids = exported.generate({prompts!r}, 8)\n"
+              "print(json.dumps({'ids': ids, 'model_imported': 'lm.model' in sys.modules}))\n")
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    got = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert not got["model_imported"]
+    want = Engine.from_checkpoint(str(workdir)).generate(prompts,
+                                                         SamplingParams(max_new_tokens=8))
+    assert got["ids"] == want
