@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, small_run
 from lm import sharding, train
 from lm.checkpoint import Checkpointer, restore_params
-from lm.config import ConfigError, MeshConfig
+from lm.config import MeshConfig
 
 
 @pytest.fixture(scope="module")
