@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: weight-only int8 matmul weights (lm.quantize)")
     parser.add_argument("--json", action="store_true",
                         help="print {token_ids (generated only), text} as one JSON object")
     args = parser.parse_args(argv)
@@ -282,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
             raise ConfigError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
         engine = Engine.from_checkpoint(args.checkpoint)
+        if args.quantize == "int8":
+            from lm.quantize import quantize
+            engine = Engine(engine.graphdef, quantize(engine.params), engine.tokenizer)
         tok = engine.tokenizer
         if args.prompt_ids is not None:
             try:
