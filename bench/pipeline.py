@@ -69,16 +69,7 @@ def step_time(run, steps: int) -> float:
 
 
 def compiled_bytes(run) -> float:
-    devices = jax.devices()[:run.mesh.pipeline]
-    mesh = sharding.make_mesh(run.mesh, devices=devices)
-    with jax.set_mesh(mesh):
-        trainer = train.build(run, mesh)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(trainer.init), trainer.state_sharding)
-        tokens = jax.ShapeDtypeStruct((run.train.batch_size, run.train.seq_len + 1), "int32",
-                                      sharding=sharding.batch_sharding(mesh))
-        ma = trainer.train_step.lower(abstract, tokens).compile().memory_analysis()
-    return ma.argument_size_in_bytes + ma.temp_size_in_bytes
+    return plan.compiled_memory(run, devices=jax.devices()[:run.mesh.pipeline])["total_bytes"]
 
 
 def main():

@@ -197,18 +197,17 @@ def logits_bytes(m, b: float, s: int, shape: dict, rules: str) -> float:
     return 2 * b * s * m.vocab_size * 4 / vocab_ways / shape["sequence"]
 
 
-def compiled_memory(run: RunConfig) -> dict:
+def compiled_memory(run: RunConfig, devices=None) -> dict:
     """XLA's memory analysis of the real train step on this machine's devices (fake CPU devices
-    count), for the same config: arguments (state + batch) and temporaries."""
+    count; `devices`: a subset), for the same config: arguments (state + batch) and
+    temporaries."""
     from lm import train
-    mesh = sharding.make_mesh(run.mesh)
+    mesh = sharding.make_mesh(run.mesh, devices=devices)
     with jax.set_mesh(mesh):
         trainer = train.build(run, mesh)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(trainer.init), trainer.state_sharding)
         tokens = jax.ShapeDtypeStruct((run.train.batch_size, run.train.seq_len + 1), "int32",
                                       sharding=sharding.batch_sharding(mesh))
-        ma = trainer.train_step.lower(abstract, tokens).compile().memory_analysis()
+        ma = trainer.train_step.lower(trainer.abstract_state(), tokens).compile().memory_analysis()
     return {"arguments_bytes": ma.argument_size_in_bytes, "temp_bytes": ma.temp_size_in_bytes,
             "total_bytes": ma.argument_size_in_bytes + ma.temp_size_in_bytes}
 

@@ -73,10 +73,7 @@ def restore_final(workdir, variant):
                                     **{"mesh.data": 8}))
     mesh = sharding.make_mesh(run.mesh)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
-        trainer = train.build(run, mesh)
-        abstract = jax.eval_shape(trainer.init)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, trainer.state_sharding)
+        abstract = train.build(run, mesh).abstract_state()
         ckpt = Checkpointer(str(workdir))
         state = ckpt.restore(ckpt.latest_step(), abstract)
         ckpt.close()
