@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -424,14 +425,12 @@ class _StopRequest:
         self.previous = {}
 
     def __enter__(self):
-        import signal
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        import signal
         self.name = signal.Signals(signum).name
         if signum == signal.SIGINT:  # a second Ctrl-C is a KeyboardInterrupt
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -446,7 +445,6 @@ class _StopRequest:
         return bool(flags.any())
 
     def __exit__(self, *exc):
-        import signal
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
