@@ -13,6 +13,7 @@ over a fixed [B, max_len] buffer for each new token (no cache).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -115,21 +116,37 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "steps"))
+def prefill(model: Transformer, tokens_bp, lengths_b, cache):
+    """Writes right-padded prompts [b, p] (row i's first lengths_b[i] tokens are real) into
+    `cache`; returns the float32 logits [b, V] of each row's last prompt token and the cache."""
+    b, p = tokens_bp.shape
+    logits, cache = model.decode(tokens_bp, jnp.broadcast_to(jnp.arange(p), (b, p)), cache)
+    return logits[jnp.arange(b), lengths_b - 1].astype(jnp.float32), cache
+
+
+def decode_step(model: Transformer, tokens_b, positions_b, cache):
+    """One new token per row at its position; returns float32 logits [b, V] and the cache."""
+    logits, cache = model.decode(tokens_b[:, None], positions_b[:, None], cache)
+    return logits[:, 0].astype(jnp.float32), cache
+
+
+def _keys(seeds_b, counts_b):
+    """Row i's key for its counts_b[i]-th token: the same whatever batch or slot it is in."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_b, counts_b)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "steps", "cache_dtype"))
 def _generate(graphdef, params, prompt_bp, lengths_b, max_new_b, temperature_b, top_k_b,
-              top_p_b, seeds_b, stop_ids_bs, cache_len: int, steps: int):
+              top_p_b, seeds_b, stop_ids_bs, cache_len: int, steps: int, cache_dtype=None):
     """Prefill, then decode until every row is done: the whole loop is one jitted while_loop."""
     model = nnx.merge(graphdef, params)
     b, p = prompt_bp.shape
-    rows = jnp.arange(b)
-    cache = init_cache(model.cfg, b, cache_len)
-    logits, cache = model.decode(prompt_bp, jnp.broadcast_to(jnp.arange(p), (b, p)), cache)
-    last_bv = logits[rows, lengths_b - 1]
-    keys_b = jax.vmap(jax.random.key)(seeds_b)
+    cache = init_cache(model.cfg, b, cache_len, cache_dtype)
+    last_bv, cache = prefill(model, prompt_bp, lengths_b, cache)
 
     def body(carry):
         i, out_bn, count_b, done_b, last_bv, cache = carry
-        token_b = sample_tokens(last_bv, jax.vmap(jax.random.fold_in, (0, None))(keys_b, i),
+        token_b = sample_tokens(last_bv, _keys(seeds_b, jnp.full_like(seeds_b, i)),
                                 temperature_b, top_k_b, top_p_b)
         stopped_b = jnp.any(token_b[:, None] == stop_ids_bs, axis=-1)
         live_b = ~done_b & ~stopped_b
@@ -137,8 +154,8 @@ def _generate(graphdef, params, prompt_bp, lengths_b, max_new_b, temperature_b, 
         count_b = count_b + live_b
         done_b = done_b | stopped_b | (count_b >= max_new_b)
         position_b = jnp.minimum(lengths_b + i, cache_len - 1)
-        logits, cache = model.decode(token_b[:, None], position_b[:, None], cache)
-        return i + 1, out_bn, count_b, done_b, logits[:, 0], cache
+        logits_bv, cache = decode_step(model, token_b, position_b, cache)
+        return i + 1, out_bn, count_b, done_b, logits_bv, cache
 
     init = (jnp.int32(0), jnp.full((b, steps), -1, jnp.int32), jnp.zeros(b, jnp.int32),
             max_new_b <= 0, last_bv, cache)
@@ -152,43 +169,70 @@ class Engine:
 
         engine = Engine(graphdef, params)            # or Engine.from_checkpoint(path)
         ids = engine.generate([[5, 6, 7], [9]], SamplingParams(max_new_tokens=20))
+        slots = engine.slots(8)                      # continuous batching (lm.serve)
 
     Prompts of different lengths share one batch (right-padded; each row attends only to its
     own positions), each with its own sampling parameters. Shapes are bucketed (batch and prompt
-    length to powers of two) so that few programs are compiled."""
+    length to powers of two) so that few programs are compiled. With a `mesh` (parameters
+    sharded by `lm.sharding.RULES`, e.g. from `from_checkpoint(path, mesh)`) the batch and the
+    KV cache rows are split over data x fsdp and the kv heads over tensor. `cache_dtype="int8"`
+    keeps the KV cache in int8 (a scale per position and head)."""
 
-    def __init__(self, graphdef, params, tokenizer=None):
+    def __init__(self, graphdef, params, tokenizer=None, *, mesh=None, cache_dtype=None):
         self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
+        self.mesh, self.cache_dtype = mesh, cache_dtype
         self.cfg = graphdef.cfg if hasattr(graphdef, "cfg") else nnx.merge(graphdef, params).cfg
         self.max_len = self.cfg.max_len
+        self.row_multiple = 1
+        if mesh is not None:
+            from lm import sharding
+            self.row_multiple = sharding.devices_along(
+                sharding.logical_to_spec(("batch",), sharding.RULES), mesh.shape)
+
+    def replace(self, **changes) -> "Engine":
+        """A copy with other params / tokenizer / mesh / cache_dtype (e.g. int8 weights)."""
+        kw = dict(params=self.params, tokenizer=self.tokenizer, mesh=self.mesh,
+                  cache_dtype=self.cache_dtype) | changes
+        return Engine(self.graphdef, kw.pop("params"), kw.pop("tokenizer"), **kw)
+
+    def context(self):
+        """The mesh and the logical rules the model's constraints need (nothing on 1 device)."""
+        stack = contextlib.ExitStack()
+        if self.mesh is not None:
+            from lm import sharding
+            stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(nnx.logical_axis_rules(sharding.RULES))
+        return stack
 
     @classmethod
-    def from_checkpoint(cls, path: str) -> "Engine":
+    def from_checkpoint(cls, path: str, mesh=None, cache_dtype=None) -> "Engine":
         """A training workdir (its latest checkpoint), its checkpoints/ or one checkpoints/STEP
-        directory; the tokenizer from the workdir when it has one."""
+        directory; the tokenizer from the workdir when it has one. With a `mesh` the parameters
+        are restored sharded (tensor / fsdp as the training rules say) onto it."""
+        from lm import sharding
         from lm.checkpoint import restore_params, run_config_of
         from lm.data import tokenizer as tokenizers
         run, workdir = run_config_of(path)
         with nnx.logical_axis_rules(()):
             graphdef, abstract = nnx.split(nnx.eval_shape(
                 lambda: Transformer(run.model, rngs=nnx.Rngs(0))))
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-            a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-            abstract)
+        if mesh is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: one, abstract)
+        else:
+            shardings = sharding.param_shardings(abstract, mesh, sharding.RULES)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
         _, params = restore_params(path, abstract)
         tok = None
         try:
             tok = tokenizers.from_workdir(workdir)
         except (OSError, ValueError, KeyError):
             pass
-        return cls(graphdef, params, tok)
+        return cls(graphdef, params, tok, mesh=mesh, cache_dtype=cache_dtype)
 
-    def generate(self, prompts: list[list[int]],
-                 sampling: SamplingParams | list[SamplingParams] = SamplingParams()
-                 ) -> list[list[int]]:
-        """The generated ids of each prompt (without the prompt, without a stop id)."""
-        if isinstance(sampling, SamplingParams):
-            sampling = [sampling] * len(prompts)
+    def check(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> None:
+        """ValueError naming the first prompt that cannot be generated."""
         if len(sampling) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sampling)} sampling parameters")
         for i, (ids, sp) in enumerate(zip(prompts, sampling)):
@@ -200,8 +244,16 @@ class Engine:
                                  f"({self.max_len})")
             if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
                 raise ValueError(f"prompt {i}: token ids must be in [0, {self.cfg.vocab_size})")
+
+    def generate(self, prompts: list[list[int]],
+                 sampling: SamplingParams | list[SamplingParams] = SamplingParams()
+                 ) -> list[list[int]]:
+        """The generated ids of each prompt (without the prompt, without a stop id)."""
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        self.check(prompts, sampling)
         n = len(prompts)
-        b = _bucket(n)
+        b = _bucket(max(n, self.row_multiple))
         p = min(_bucket(max(len(x) for x in prompts)), self.max_len)
         steps = max(sp.max_new_tokens for sp in sampling)
         steps = min(_bucket(steps), self.max_len)
@@ -213,15 +265,17 @@ class Engine:
         stop_bs = np.full((b, stop_w), -1, np.int32)
         for i, sp in enumerate(sampling):
             stop_bs[i, :len(sp.stop_ids)] = sp.stop_ids
-        out_bn, count_b = _generate(
-            self.graphdef, self.params, jnp.asarray(prompt_bp),
-            jnp.asarray(pad([len(x) for x in prompts], 1), jnp.int32),
-            jnp.asarray(pad([sp.max_new_tokens for sp in sampling], 0), jnp.int32),
-            jnp.asarray(pad([sp.temperature for sp in sampling], 0.0), jnp.float32),
-            jnp.asarray(pad([sp.top_k for sp in sampling], 0), jnp.int32),
-            jnp.asarray(pad([sp.top_p for sp in sampling], 1.0), jnp.float32),
-            jnp.asarray(pad([sp.seed for sp in sampling], 0), jnp.uint32),
-            jnp.asarray(stop_bs), cache_len=self.max_len, steps=steps)
+        with self.context():
+            out_bn, count_b = _generate(
+                self.graphdef, self.params, jnp.asarray(prompt_bp),
+                jnp.asarray(pad([len(x) for x in prompts], 1), jnp.int32),
+                jnp.asarray(pad([sp.max_new_tokens for sp in sampling], 0), jnp.int32),
+                jnp.asarray(pad([sp.temperature for sp in sampling], 0.0), jnp.float32),
+                jnp.asarray(pad([sp.top_k for sp in sampling], 0), jnp.int32),
+                jnp.asarray(pad([sp.top_p for sp in sampling], 1.0), jnp.float32),
+                jnp.asarray(pad([sp.seed for sp in sampling], 0), jnp.uint32),
+                jnp.asarray(stop_bs), cache_len=self.max_len, steps=steps,
+                cache_dtype=self.cache_dtype)
         out_bn, count_b = np.asarray(out_bn), np.asarray(count_b)
         result = []
         for i, sp in enumerate(sampling):
@@ -230,6 +284,95 @@ class Engine:
                 ids = _cut_at_stop(ids, sp.stop, self.tokenizer)
             result.append(ids)
         return result
+
+    def slots(self, num_slots: int) -> "DecodeSlots":
+        """`num_slots` decode rows of one KV cache for continuous batching."""
+        graphdef, cfg, dtype = self.graphdef, self.cfg, self.cache_dtype
+
+        def prefill_fn(params, tokens_bp, lengths_b):
+            cache = init_cache(cfg, tokens_bp.shape[0], cfg.max_len, dtype)
+            return prefill(nnx.merge(graphdef, params), tokens_bp, lengths_b, cache)
+
+        def decode_fn(params, tokens_b, positions_b, cache):
+            return decode_step(nnx.merge(graphdef, params), tokens_b, positions_b, cache)
+
+        num_slots = -(-num_slots // self.row_multiple) * self.row_multiple
+        with self.context():
+            cache = jax.jit(lambda: init_cache(cfg, num_slots, cfg.max_len, dtype))()
+        return DecodeSlots(prefill_fn, decode_fn, self.params, cache, self.context)
+
+
+class DecodeSlots:
+    """Continuous batching: the rows ("slots") of one preallocated KV cache, which requests
+    enter (`insert`: prefill into a free row) and leave while the others keep decoding
+    (`step`: one token for every row at once; rows nobody uses compute and are ignored).
+
+    prefill_fn(params, tokens [1, p], lengths [1]) -> (logits [1, V], a one-row cache) and
+    decode_fn(params, tokens [s], positions [s], cache) -> (logits [s, V], cache) are the model's
+    (`Engine.slots`) or the exported functions' (`lm.export.Exported.slots`). A request's
+    tokens equal what `Engine.generate` gives it alone: the same keys (seed, token index)."""
+
+    def __init__(self, prefill_fn, decode_fn, params, cache, context=contextlib.nullcontext):
+        self.params, self.cache, self.context = params, cache, context
+        self.num_slots = jax.tree.leaves(cache)[0].shape[1]
+        self.max_len = jax.tree.leaves(cache)[0].shape[2]
+        s = self.num_slots
+        self.tokens = np.zeros(s, np.int32)
+        self.positions = np.zeros(s, np.int32)
+        self.counts = np.zeros(s, np.int32)
+        self.seeds = np.zeros(s, np.uint32)
+        self.temperature = np.zeros(s, np.float32)
+        self.top_k = np.zeros(s, np.int32)
+        self.top_p = np.ones(s, np.float32)
+        self._prefill = jax.jit(prefill_fn)
+
+        def step(params, cache, tokens, positions, seeds, counts, temperature, top_k, top_p):
+            logits, cache = decode_fn(params, tokens, positions, cache)
+            return sample_tokens(logits, _keys(seeds, counts), temperature, top_k, top_p), cache
+
+        def insert(cache, row, slot):
+            return jax.tree.map(
+                lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, 1),
+                cache, row)
+
+        self._step = jax.jit(step, donate_argnums=1)
+        self._insert = jax.jit(insert, donate_argnums=0)
+        self._sample = jax.jit(lambda logits, seed, t, k, p: sample_tokens(
+            logits, _keys(seed, jnp.zeros_like(seed)), t, k, p))
+
+    def insert(self, slot: int, prompt: list[int], sp: SamplingParams) -> int:
+        """Prefills `prompt` into row `slot`; returns its first generated token."""
+        n = len(prompt)
+        if not 0 < n < self.max_len:
+            raise ValueError(f"a prompt of {n} tokens does not fit a context of {self.max_len}")
+        tokens = np.zeros((1, min(_bucket(n), self.max_len)), np.int32)
+        tokens[0, :n] = prompt
+        with self.context():
+            logits, row = self._prefill(self.params, jnp.asarray(tokens),
+                                        jnp.asarray([n], jnp.int32))
+            self.cache = self._insert(self.cache, row, jnp.int32(slot))
+            first = int(self._sample(logits, jnp.asarray([sp.seed], jnp.uint32),
+                                     jnp.asarray([sp.temperature], jnp.float32),
+                                     jnp.asarray([sp.top_k], jnp.int32),
+                                     jnp.asarray([sp.top_p], jnp.float32))[0])
+        self.tokens[slot], self.positions[slot], self.counts[slot] = first, n, 1
+        self.seeds[slot], self.temperature[slot] = sp.seed, sp.temperature
+        self.top_k[slot], self.top_p[slot] = sp.top_k, sp.top_p
+        return first
+
+    def step(self) -> np.ndarray:
+        """Feeds every row its last token; returns each row's next token [num_slots]."""
+        with self.context():
+            nxt, self.cache = self._step(
+                self.params, self.cache, jnp.asarray(self.tokens),
+                jnp.asarray(np.minimum(self.positions, self.max_len - 1)),
+                jnp.asarray(self.seeds), jnp.asarray(self.counts),
+                jnp.asarray(self.temperature), jnp.asarray(self.top_k),
+                jnp.asarray(self.top_p))
+        self.tokens = np.array(nxt)
+        self.positions += 1
+        self.counts += 1
+        return self.tokens.copy()
 
 
 def _bucket(n: int) -> int:
@@ -275,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="int8: weight-only int8 matmul weights (lm.quantize)")
+    parser.add_argument("--kv-cache", choices=["auto", "int8"], default="auto",
+                        help="int8: int8 KV cache (auto: the model's compute dtype)")
     parser.add_argument("--json", action="store_true",
                         help="print {token_ids (generated only), text} as one JSON object")
     args = parser.parse_args(argv)
@@ -283,10 +428,11 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
         if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
             raise ConfigError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
-        engine = Engine.from_checkpoint(args.checkpoint)
+        engine = Engine.from_checkpoint(args.checkpoint,
+                                        cache_dtype="int8" if args.kv_cache == "int8" else None)
         if args.quantize == "int8":
             from lm.quantize import quantize
-            engine = Engine(engine.graphdef, quantize(engine.params), engine.tokenizer)
+            engine = engine.replace(params=quantize(engine.params))
         tok = engine.tokenizer
         if args.prompt_ids is not None:
             try:

@@ -31,6 +31,7 @@ from jaxtyping import Array, Float, Int
 
 from lm.config import ModelConfig
 from lm.pipeline import Pipeline, run as run_pipeline
+from lm.quantize import Int8Array, quantize_weight
 from lm.sharding import constrain
 
 Initializer = jax.nn.initializers.Initializer
@@ -201,12 +202,12 @@ def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bskh, v_cache_bskh, positio
 
     Writes the new keys / values at `positions_bt` (each row its own positions: prompts of
     different lengths, or one decode step), then lets the query at position p attend to cache
-    positions 0..p. Returns the attention output and the updated (k, v) caches."""
+    positions 0..p. Returns the attention output and the updated (k, v) caches. A cache may be
+    an `Int8Array` (int8 values, one scale per position and kv head: `init_cache(dtype="int8")`)."""
     b, t, n, h = q_btnh.shape
     s, k = k_cache_bskh.shape[1], k_cache_bskh.shape[2]
-    rows = jnp.arange(b)[:, None]
-    k_cache_bskh = k_cache_bskh.at[rows, positions_bt].set(k_btkh.astype(k_cache_bskh.dtype))
-    v_cache_bskh = v_cache_bskh.at[rows, positions_bt].set(v_btkh.astype(v_cache_bskh.dtype))
+    k_cache_bskh = _cache_write(k_cache_bskh, positions_bt, k_btkh)
+    v_cache_bskh = _cache_write(v_cache_bskh, positions_bt, v_btkh)
     dt = q_btnh.dtype
     q = q_btnh.reshape(b, t, k, n // k, h)
     keys, values = k_cache_bskh.astype(dt), v_cache_bskh.astype(dt)
@@ -219,6 +220,15 @@ def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bskh, v_cache_bskh, positio
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, values, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(dt), (k_cache_bskh, v_cache_bskh)
+
+
+def _cache_write(cache_bskh, positions_bt, new_btkh):
+    rows = jnp.arange(new_btkh.shape[0])[:, None]
+    if isinstance(cache_bskh, Int8Array):  # symmetric over head_dim, per position and head
+        new = quantize_weight(new_btkh, (3,))
+        return Int8Array(cache_bskh.q.at[rows, positions_bt].set(new.q),
+                         cache_bskh.scale.at[rows, positions_bt].set(new.scale))
+    return cache_bskh.at[rows, positions_bt].set(new_btkh.astype(cache_bskh.dtype))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -446,7 +456,7 @@ class Transformer(nnx.Module):
             return x_btd, (k_bskh, v_bskh)
 
         x_btd, (k, v) = jax.lax.scan(layer, x_btd, (block_state, cache["k"], cache["v"]))
-        return self.logits(self.final_norm(x_btd)), {"k": k, "v": v}
+        return self.logits(self.final_norm(x_btd)), constrain_cache({"k": k, "v": v})
 
     def logits(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Next-token logits of `hidden`'s output (in compute_dtype)."""
@@ -457,10 +467,21 @@ class Transformer(nnx.Module):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, Array]:
     """An empty KV cache for `batch` rows of up to `length` positions: k and v of
-    [layers, batch, length, kv_heads, head_dim] in the compute dtype (or `dtype`)."""
+    [layers, batch, length, kv_heads, head_dim] in the compute dtype (or `dtype`). dtype "int8"
+    stores int8 values and a float32 scale per position and kv head (`Int8Array`). Under a mesh
+    the rows are sharded like the batch (data, fsdp) and the kv heads over tensor."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if dtype is not None and jnp.dtype(dtype) == jnp.int8:
+        empty = lambda: Int8Array(jnp.zeros(shape, jnp.int8),
+                                  jnp.ones(shape[:-1] + (1,), jnp.float32))
+    else:
+        empty = lambda: jnp.zeros(shape, jnp.dtype(dtype or cfg.compute_dtype))
+    return constrain_cache({"k": empty(), "v": empty()})
+
+
+def constrain_cache(cache):
+    names = ("layers", "batch", None, "kv_heads", None)
+    return jax.tree.map(lambda x: constrain(x, names), cache)
 
 
 def param_count(model: nnx.Module) -> int:

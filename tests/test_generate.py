@@ -191,7 +191,7 @@ def test_int8_keeps_held_out_perplexity_within_1_percent(tmp_path):
     from lm.checkpoint import run_config_of
     from lm.data.dataset import Dataset
     from lm.data.loader import Loader, LoaderState
-    from lm.quantize import Int8Weight, quantize, weight_bytes
+    from lm.quantize import Int8Array, quantize, weight_bytes
     workdir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "lm.train", "--config", "configs/tiny.py", "--workdir",
@@ -204,7 +204,7 @@ def test_int8_keeps_held_out_perplexity_within_1_percent(tmp_path):
     engine = Engine.from_checkpoint(str(workdir))
     params, qparams = engine.params, quantize(engine.params)
     wo = qparams["blocks"]["attn"]["wo"][...]
-    assert isinstance(wo, Int8Weight) and wo.q.dtype == jnp.int8
+    assert isinstance(wo, Int8Array) and wo.q.dtype == jnp.int8
     assert wo.scale.shape == (4, 1, 1, 256)  # one scale per layer and output channel
     assert weight_bytes(qparams) < weight_bytes(params) / 2.5
 
