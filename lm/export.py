@@ -30,7 +30,7 @@ PREFILL, DECODE, PARAMS, META = "prefill.jaxexport", "decode.jaxexport", "params
 def export(checkpoint: str, out: str, platforms: tuple[str, ...] | None = None) -> dict:
     from flax import nnx
 
-    from lm.generate import Engine
+    from lm.generate import Engine, decode_step, prefill
     from lm.model import init_cache
     engine = Engine.from_checkpoint(checkpoint)
     cfg = engine.cfg
@@ -40,27 +40,22 @@ def export(checkpoint: str, out: str, platforms: tuple[str, ...] | None = None) 
     def model_of(param_leaves):
         return nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
 
-    def prefill(param_leaves, tokens_bp, lengths_b):
-        model = model_of(param_leaves)
-        b, p = tokens_bp.shape
-        cache = init_cache(cfg, b, cfg.max_len)
-        logits, cache = model.decode(tokens_bp, jnp.broadcast_to(jnp.arange(p), (b, p)), cache)
-        return logits[jnp.arange(b), lengths_b - 1].astype(jnp.float32), cache
+    def prefill_fn(param_leaves, tokens_bp, lengths_b):
+        cache = init_cache(cfg, tokens_bp.shape[0], cfg.max_len)
+        return prefill(model_of(param_leaves), tokens_bp, lengths_b, cache)
 
-    def decode_step(param_leaves, tokens_b, positions_b, cache):
-        logits, cache = model_of(param_leaves).decode(tokens_b[:, None], positions_b[:, None],
-                                                      cache)
-        return logits[:, 0].astype(jnp.float32), cache
+    def decode_fn(param_leaves, tokens_b, positions_b, cache):
+        return decode_step(model_of(param_leaves), tokens_b, positions_b, cache)
 
     b, p = jax.export.symbolic_shape("b, p")
     abstract_leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     cache_shape = (cfg.num_layers, b, cfg.max_len, cfg.num_kv_heads, cfg.head_dim)
     cache = {k: jax.ShapeDtypeStruct(cache_shape, jnp.dtype(cfg.compute_dtype)) for k in "kv"}
     kwargs = {"platforms": platforms} if platforms else {}
-    exported_prefill = jax.export.export(jax.jit(prefill), **kwargs)(
+    exported_prefill = jax.export.export(jax.jit(prefill_fn), **kwargs)(
         abstract_leaves, jax.ShapeDtypeStruct((b, p), jnp.int32),
         jax.ShapeDtypeStruct((b,), jnp.int32))
-    exported_decode = jax.export.export(jax.jit(decode_step), **kwargs)(
+    exported_decode = jax.export.export(jax.jit(decode_fn), **kwargs)(
         abstract_leaves, jax.ShapeDtypeStruct((b,), jnp.int32),
         jax.ShapeDtypeStruct((b,), jnp.int32), cache)
     os.makedirs(out, exist_ok=True)
@@ -103,6 +98,16 @@ class Exported:
     def decode_step(self, tokens_b, positions_b, cache):
         return self._decode.call(self.params, jnp.asarray(tokens_b, jnp.int32),
                                  jnp.asarray(positions_b, jnp.int32), cache)
+
+    def slots(self, num_slots: int):
+        """`num_slots` decode rows for continuous batching (`lm.generate.DecodeSlots`)."""
+        from lm.generate import DecodeSlots
+        m = self.meta
+        shape = (m["num_layers"], num_slots, m["max_len"], m["num_kv_heads"], m["head_dim"])
+        cache = {k: jnp.zeros(shape, m["cache_dtype"]) for k in "kv"}
+        return DecodeSlots(lambda params, t, n: self._prefill.call(params, t, n),
+                           lambda params, t, pos, c: self._decode.call(params, t, pos, c),
+                           self.params, cache)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt (a host loop over `decode_step`)."""
