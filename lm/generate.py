@@ -95,11 +95,17 @@ def sample_tokens(logits_bv, keys_b, temperature_b, top_k_b, top_p_b) -> jax.Arr
     """One token per row: greedy where temperature is 0, else a draw from the temperature-scaled
     logits restricted to the top-k and then the top-p set, with each row's own key."""
     logits_bv = logits_bv.astype(jnp.float32)
-    greedy = jnp.argmax(logits_bv, axis=-1)
-    scaled = top_p_mask(top_k_mask(temperature_scale(logits_bv, temperature_b), top_k_b),
-                        top_p_b)
-    drawn = jax.vmap(jax.random.categorical)(keys_b, scaled)
-    return jnp.where(temperature_b > 0, drawn, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    def draw(logits_bv):
+        # The masks sort the vocabulary: skipped (lax.cond) when no row asks for them.
+        scaled = temperature_scale(logits_bv, temperature_b)
+        scaled = jax.lax.cond(jnp.any(top_k_b > 0), top_k_mask, lambda x, _: x, scaled, top_k_b)
+        scaled = jax.lax.cond(jnp.any(top_p_b < 1), top_p_mask, lambda x, _: x, scaled, top_p_b)
+        drawn = jax.vmap(jax.random.categorical)(keys_b, scaled).astype(jnp.int32)
+        return jnp.where(temperature_b > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature_b > 0), draw, lambda _: greedy, logits_bv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +126,9 @@ def prefill(model: Transformer, tokens_bp, lengths_b, cache):
     """Writes right-padded prompts [b, p] (row i's first lengths_b[i] tokens are real) into
     `cache`; returns the float32 logits [b, V] of each row's last prompt token and the cache."""
     b, p = tokens_bp.shape
-    logits, cache = model.decode(tokens_bp, jnp.broadcast_to(jnp.arange(p), (b, p)), cache)
-    return logits[jnp.arange(b), lengths_b - 1].astype(jnp.float32), cache
+    logits, cache = model.decode(tokens_bp, jnp.broadcast_to(jnp.arange(p), (b, p)), cache,
+                                 logits_at=lengths_b - 1)
+    return logits[:, 0].astype(jnp.float32), cache
 
 
 def decode_step(model: Transformer, tokens_b, positions_b, cache):

@@ -198,37 +198,45 @@ def causal_attention(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T 
 
 
 def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bskh, v_cache_bskh, positions_bt):
-    """Attention of T new queries per row over a preallocated cache of S positions.
+    """Attention of T new queries per row (at `positions_bt`, consecutive: a right-padded
+    prompt, or one decode step) over the cache's earlier positions and the new keys.
 
-    Writes the new keys / values at `positions_bt` (each row its own positions: prompts of
-    different lengths, or one decode step), then lets the query at position p attend to cache
-    positions 0..p. Returns the attention output and the updated (k, v) caches. A cache may be
-    an `Int8Array` (int8 values, one scale per position and kv head: `init_cache(dtype="int8")`)."""
+    The query at position p sees cache positions before the row's first new position and the
+    new keys at positions <= p; cache entries from that first new position on are stale and
+    ignored. The cache is only read here: `write_cache` stores the new keys and values of all
+    layers afterwards, in place, so a decode step reads the cache once and writes one position.
+    A cache may be an `Int8Array` (`init_cache(dtype="int8")`)."""
     b, t, n, h = q_btnh.shape
     s, k = k_cache_bskh.shape[1], k_cache_bskh.shape[2]
-    k_cache_bskh = _cache_write(k_cache_bskh, positions_bt, k_btkh)
-    v_cache_bskh = _cache_write(v_cache_bskh, positions_bt, v_btkh)
     dt = q_btnh.dtype
     q = q_btnh.reshape(b, t, k, n // k, h)
-    keys, values = k_cache_bskh.astype(dt), v_cache_bskh.astype(dt)
+    arrays = (q, k_cache_bskh.astype(dt), v_cache_bskh.astype(dt), k_btkh, v_btkh)
     if dt == jnp.float16 and jax.default_backend() == "cpu":
-        q, keys, values = (a.astype(jnp.float32) for a in (q, keys, values))
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, keys,
-                        preferred_element_type=jnp.float32) * h ** -0.5
-    visible_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
-    logits = jnp.where(visible_bts[:, None, None], logits, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, values, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(dt), (k_cache_bskh, v_cache_bskh)
+        arrays = tuple(a.astype(jnp.float32) for a in arrays)
+    q, keys, values, new_keys, new_values = arrays
+    old = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    new = jnp.einsum("btkgh,bukh->bkgtu", q, new_keys, preferred_element_type=jnp.float32)
+    old_visible_bs = jnp.arange(s)[None, :] < positions_bt[:, :1]
+    new_visible_btu = positions_bt[:, None, :] <= positions_bt[:, :, None]
+    old = jnp.where(old_visible_bs[:, None, None, None, :], old, -1e30)
+    new = jnp.where(new_visible_btu[:, None, None], new, -1e30)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1) * h ** -0.5, axis=-1)
+    probs = probs.astype(values.dtype)
+    out = (jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], values,
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("bkgtu,bukh->btkgh", probs[..., s:], new_values,
+                        preferred_element_type=jnp.float32))
+    return out.reshape(b, t, n, h).astype(dt)
 
 
-def _cache_write(cache_bskh, positions_bt, new_btkh):
-    rows = jnp.arange(new_btkh.shape[0])[:, None]
-    if isinstance(cache_bskh, Int8Array):  # symmetric over head_dim, per position and head
-        new = quantize_weight(new_btkh, (3,))
-        return Int8Array(cache_bskh.q.at[rows, positions_bt].set(new.q),
-                         cache_bskh.scale.at[rows, positions_bt].set(new.scale))
-    return cache_bskh.at[rows, positions_bt].set(new_btkh.astype(cache_bskh.dtype))
+def write_cache(cache_lbskh, positions_bt, new_lbtkh):
+    """The cache with every layer's new keys (or values) [L, B, T, K, H] at `positions_bt`."""
+    rows = jnp.arange(new_lbtkh.shape[1])[:, None]
+    if isinstance(cache_lbskh, Int8Array):  # symmetric over head_dim, per position and head
+        new = quantize_weight(new_lbtkh, (4,))
+        return Int8Array(cache_lbskh.q.at[:, rows, positions_bt].set(new.q),
+                         cache_lbskh.scale.at[:, rows, positions_bt].set(new.scale))
+    return cache_lbskh.at[:, rows, positions_bt].set(new_lbtkh.astype(cache_lbskh.dtype))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -274,9 +282,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None
                  ) -> Float[Array, "B T D"] | tuple[Float[Array, "B T D"], tuple]:
-        """With `cache` = (k [B, S, K, H], v, positions_bt): this call's keys and values are
-        written at their positions and the queries attend to every cached position at or before
-        their own; returns (output, (k, v)). Without, causal attention over x alone."""
+        """With `cache` = (k [B, S, K, H], v, positions_bt): the queries attend to the cached
+        positions and the new keys before them (`cached_attention`); returns (output, (the new
+        keys, values)) for `write_cache`. Without, causal attention over x alone."""
         cfg, dt = self.cfg, x_btd.dtype
 
         q_btnh, k_btkh, v_btkh = (dense_named(x_btd, w[...]) for w in (self.wq, self.wk, self.wv))
@@ -288,7 +296,8 @@ class Attention(nnx.Module):
             q_btnh = rope(q_btnh, rope_bt)
             k_btkh = rope(k_btkh, rope_bt)
         if cache is not None:
-            out_btnh, kv = cached_attention(q_btnh, k_btkh, v_btkh, *cache)
+            out_btnh = cached_attention(q_btnh, k_btkh, v_btkh, *cache)
+            kv = (k_btkh, v_btkh)
         else:
             out_btnh = checkpoint_name(causal_attention(q_btnh, k_btkh, v_btkh), "attention")
         out_btd = dense_named(out_btnh, self.wo[...], 2)
@@ -436,10 +445,12 @@ class Transformer(nnx.Module):
         return self.final_norm(x_btd)
 
     def decode(self, tokens_bt: Int[Array, "B T"], positions_bt: Int[Array, "B T"],
-               cache: dict[str, Array]) -> tuple[Float[Array, "B T V"], dict[str, Array]]:
+               cache: dict[str, Array], logits_at: Int[Array, "B"] | None = None
+               ) -> tuple[Float[Array, "B T V"], dict[str, Array]]:
         """The forward pass of new tokens at `positions_bt` against a KV cache (`init_cache`):
         a prefill (T = the prompt length, right-padded) or a decode step (T = 1). Returns the
-        logits of the new tokens and the updated cache."""
+        logits of the new tokens (only of token `logits_at[b]` of each row, [B, 1, V], when
+        given: a prefill needs just the last prompt token's) and the updated cache."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
@@ -451,12 +462,16 @@ class Transformer(nnx.Module):
 
         def layer(x_btd, xs):
             layer_state, k_bskh, v_bskh = xs
-            x_btd, (k_bskh, v_bskh) = nnx.merge(block_def, layer_state)(
-                x_btd, rope_bt, (k_bskh, v_bskh, positions_bt))
-            return x_btd, (k_bskh, v_bskh)
+            return nnx.merge(block_def, layer_state)(x_btd, rope_bt,
+                                                     (k_bskh, v_bskh, positions_bt))
 
-        x_btd, (k, v) = jax.lax.scan(layer, x_btd, (block_state, cache["k"], cache["v"]))
-        return self.logits(self.final_norm(x_btd)), constrain_cache({"k": k, "v": v})
+        x_btd, (k_new, v_new) = jax.lax.scan(layer, x_btd,
+                                             (block_state, cache["k"], cache["v"]))
+        cache = {"k": write_cache(cache["k"], positions_bt, k_new),
+                 "v": write_cache(cache["v"], positions_bt, v_new)}
+        if logits_at is not None:
+            x_btd = jnp.take_along_axis(x_btd, logits_at[:, None, None], axis=1)
+        return self.logits(self.final_norm(x_btd)), constrain_cache(cache)
 
     def logits(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Next-token logits of `hidden`'s output (in compute_dtype)."""
