@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,17 +93,18 @@ def ours(engine: Engine, batch: int, prompt: int, new: int, reps: int) -> dict:
 def peer(args, batch: int, new: int) -> dict | None:
     """HF generate tokens/s for batch x new tokens, or None (with a note)."""
     s = SHAPES[args.shape]
-    if not os.path.exists(args.hf_python):
+    python = shutil.which(args.hf_python) or args.hf_python
+    if not os.path.exists(python):
         print(f"  (no Hugging Face peer: no interpreter at {args.hf_python})", file=sys.stderr)
         return None
     common = ["--arch", args.style, "--layers", str(s["layers"]), "--d-model", str(s["d_model"]),
               "--heads", str(s["heads"]), "--mlp", str(s["mlp"]), "--vocab", str(s["vocab"])]
     if args.peer_device == "cpu":
-        cmd = [args.hf_python, os.path.join(PEER_DIR, "hf_peer.py"), *common, "--steps", "1",
+        cmd = [python, os.path.join(PEER_DIR, "hf_peer.py"), *common, "--steps", "1",
                "--seq", str(min(128, s["max_len"])), "--batch", "2", "--gen-batch", str(batch),
                "--prompt-len", str(args.prompt), "--new-tokens", str(new)]
     else:
-        cmd = [args.hf_python, os.path.join(ROOT, "bench", "hf_generate_peer.py"), *common,
+        cmd = [python, os.path.join(ROOT, "bench", "hf_generate_peer.py"), *common,
                "--device", args.peer_device, "--dtype", args.dtype, "--batch", str(batch),
                "--prompt-len", str(args.prompt), "--new-tokens", str(new)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)

@@ -35,6 +35,11 @@ from lm import sharding, train  # noqa: E402
 from lm.config import from_config_dict, load_config_file, override  # noqa: E402
 
 SHAPE = dict(layers=4, d_model=256, heads=4, mlp=1024, vocab=8192, seq=128, batch=16)
+# --shape gpt2_small: GPT-2 small (124M) at 16 x 1024 tokens, for a GPU (with --dtype bfloat16).
+SHAPES = {"cpu": dict(SHAPE),
+          "gpt2_small": dict(layers=12, d_model=768, heads=12, mlp=3072, vocab=50304, seq=1024,
+                             batch=16)}
+DTYPE = "float32"
 PEER_DIR = os.environ.get("SHARED_BENCH", os.path.join(ROOT, "..", "shared", "bench"))
 
 
@@ -46,9 +51,9 @@ def flops_per_token(style: str) -> float:
     return 6 * (L * (4 * d * d + mlp) + d * v) + 12 * L * t * d
 
 
-def matmul_roof(n: int = 2048, reps: int = 10) -> float:
+def matmul_roof(n: int = 2048, reps: int = 10, dtype=jnp.float32) -> float:
     """FLOP/s of a jitted fp32 n^3 matmul: the practical roof of this machine."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     times = []
@@ -65,7 +70,8 @@ def ours(style: str, steps: int, scan_layers: bool) -> dict:
             "model.num_kv_heads": SHAPE["heads"], "model.mlp_dim": SHAPE["mlp"],
             "model.vocab_size": SHAPE["vocab"], "model.max_len": SHAPE["seq"],
             "model.scan_layers": scan_layers, "train.seq_len": SHAPE["seq"],
-            "train.batch_size": SHAPE["batch"], "mesh.data": 1}
+            "train.batch_size": SHAPE["batch"], "mesh.data": 1,
+            "precision.param_dtype": "float32", "precision.compute_dtype": DTYPE}
     run = from_config_dict(override(load_config_file(os.path.join(ROOT, "configs/base.py")),
                                     **flat))
     mesh = sharding.make_mesh(run.mesh, devices=jax.devices()[:1])
@@ -131,13 +137,21 @@ def main():
     p.add_argument("--peers", default="hf,maxtext", help="comma list of hf, maxtext, or none")
     p.add_argument("--hf-python", default=os.environ.get(
         "LM_PEER_HF_PYTHON", os.path.expanduser("~/.cache/lm-peers/hf/bin/python")))
+    p.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on a GPU)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    global DTYPE
+    SHAPE.update(SHAPES[args.shape])
+    DTYPE = args.dtype
     peers = set(args.peers.split(",")) - {"none", ""}
 
-    roof = matmul_roof()
-    print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}; "
-          f"fp32 2048^3 matmul roof {roof / 1e9:.0f} GFLOP/s")
+    gpu = jax.devices()[0].platform == "gpu"
+    n = 8192 if gpu else 2048
+    roof = matmul_roof(n, dtype=jnp.dtype(args.dtype))
+    print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}; {args.dtype} {n}^3 matmul roof "
+          f"{roof / 1e12:.2f} TFLOP/s; model {SHAPE}")
     rows = []
     for style in args.styles.split(","):
         fpt = flops_per_token(style)

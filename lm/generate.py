@@ -281,7 +281,8 @@ class Engine:
                 jnp.asarray(pad([sp.top_k for sp in sampling], 0), jnp.int32),
                 jnp.asarray(pad([sp.top_p for sp in sampling], 1.0), jnp.float32),
                 jnp.asarray(pad([sp.seed for sp in sampling], 0), jnp.uint32),
-                jnp.asarray(stop_bs), cache_len=self.max_len, steps=steps,
+                jnp.asarray(stop_bs), cache_len=min(self.max_len, _bucket(p + steps)),
+                steps=steps,
                 cache_dtype=self.cache_dtype)
         out_bn, count_b = np.asarray(out_bn), np.asarray(count_b)
         result = []
