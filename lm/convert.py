@@ -246,7 +246,7 @@ def from_hf_tensors(m, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def to_hf_tensors(m, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inverse of `from_hf_tensors`."""
-    d, n, k, h, f = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+    d, n, k, h = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
     b = {path[len("blocks/"):]: x for path, x in params.items() if path.startswith("blocks/")}
     t = {}
     if m.style == "gpt2":
