@@ -34,7 +34,8 @@ def make_checkpoint(directory: str) -> str:
     workdir = os.path.join(directory, "run")
     cmd = [sys.executable, "-m", "lm.train", "--config", "configs/tiny.py", "--workdir",
            workdir, "--config.train.steps=1", "--config.train.eval_every=1",
-           "--config.train.eval_batches=1",           "--config.train.sample_tokens=0", "--config.train.progress=False",
+           "--config.train.eval_batches=1", "--config.train.sample_tokens=0",
+           "--config.train.progress=False",
            "--config.mesh.data=1", "--config.model.num_layers=4",
            "--config.model.d_model=256", "--config.model.num_heads=4",
            "--config.model.num_kv_heads=4", "--config.model.mlp_dim=1024",
