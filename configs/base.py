@@ -71,8 +71,11 @@ def get_config(arg=None):
     # (optimizer state over data x fsdp), zero2 (+ gradients), zero3 (+ parameters), fsdp
     # (parameters and optimizer state over fsdp only), tp (Megatron tensor slicing), sp
     # (sequence parallelism of the residual stream over tensor); see lm/sharding.py.
+    # dcn_*: ways across nodes (DCN / InfiniBand); an axis's total size is its ICI size x its DCN
+    # size (e.g. tensor 8 in a node, dcn_data = the nodes).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1, pipeline=1,
-                                            rules="fsdp+tp"))
+                                            rules="fsdp+tp", dcn_data=1, dcn_fsdp=1,
+                                            dcn_pipeline=1))
     # data.path: a directory from `python -m lm.data.prepare`; "" trains on the embedded corpus
     # (the stdlib's sources, prepared into WORKDIR/data with val_fraction held out).
     c.data = ml_collections.ConfigDict(dict(path="", val_fraction=0.02, shuffle=True, prefetch=2))

@@ -122,3 +122,24 @@ def test_cli_rejects_bad_flags_naming_the_key(flag, match, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert match in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_configuration_reference_is_current_and_complete(monkeypatch):
+    """docs/configuration.md is `python -m lm.config_reference`'s output, and a key added to
+    configs/base.py without a line in lm/config_reference.DOCS fails."""
+    from configs import base
+    from lm import config_reference
+    with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+        assert f.read() == config_reference.markdown(), (
+            "docs/configuration.md is stale: python -m lm.config_reference > "
+            "docs/configuration.md")
+    original = base.get_config
+
+    def with_new_key(arg=None):
+        c = original(arg)
+        c.train.new_knob = 3
+        return c
+
+    monkeypatch.setattr(base, "get_config", with_new_key)
+    with pytest.raises(ValueError, match=r"undocumented keys \['train.new_knob'\]"):
+        config_reference.markdown()
