@@ -307,7 +307,10 @@ def from_hf(hf_dir: str, out_dir: str) -> dict:
         raise ConfigError(f"{out_dir} already holds checkpoints; choose a new OUT_DIR")
     run = from_config_dict(override(get_config(), **{f"model.{k}": v for k, v in fields.items()},
                                     **{"train.seq_len": min(1024, fields["max_len"])}))
-    tensors = from_hf_tensors(run.model, read_safetensors(hf_dir))
+    raw = read_safetensors(hf_dir)
+    if run.model.style == "gpt2" and "wte.weight" in raw and "transformer.wte.weight" not in raw:
+        raw = {f"transformer.{k}": x for k, x in raw.items()}  # the original GPT-2 uploads
+    tensors = from_hf_tensors(run.model, raw)
     with nnx.logical_axis_rules(()):
         abstract = nnx.state(nnx.eval_shape(lambda: Transformer(run.model, rngs=nnx.Rngs(0))))
     params = jax.tree_util.tree_map_with_path(

@@ -100,14 +100,15 @@ class Exported:
                                  jnp.asarray(positions_b, jnp.int32), cache)
 
     def slots(self, num_slots: int):
-        """`num_slots` decode rows for continuous batching (`lm.generate.DecodeSlots`)."""
+        """`num_slots` decode rows for continuous batching (`lm.generate.DecodeSlots`; this
+        imports lm.generate, but builds no model)."""
         from lm.generate import DecodeSlots
         m = self.meta
         shape = (m["num_layers"], num_slots, m["max_len"], m["num_kv_heads"], m["head_dim"])
-        cache = {k: jnp.zeros(shape, m["cache_dtype"]) for k in "kv"}
         return DecodeSlots(lambda params, t, n: self._prefill.call(params, t, n),
                            lambda params, t, pos, c: self._decode.call(params, t, pos, c),
-                           self.params, cache)
+                           self.params,
+                           lambda: {k: jnp.zeros(shape, m["cache_dtype"]) for k in "kv"})
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt (a host loop over `decode_step`)."""

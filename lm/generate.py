@@ -306,8 +306,8 @@ class Engine:
 
         num_slots = -(-num_slots // self.row_multiple) * self.row_multiple
         with self.context():
-            cache = jax.jit(lambda: init_cache(cfg, num_slots, cfg.max_len, dtype))()
-        return DecodeSlots(prefill_fn, decode_fn, self.params, cache, self.context)
+            empty = jax.jit(lambda: init_cache(cfg, num_slots, cfg.max_len, dtype))
+        return DecodeSlots(prefill_fn, decode_fn, self.params, empty, self.context)
 
 
 class DecodeSlots:
@@ -320,8 +320,13 @@ class DecodeSlots:
     (`Engine.slots`) or the exported functions' (`lm.export.Exported.slots`). A request's
     tokens equal what `Engine.generate` gives it alone: the same keys (seed, token index)."""
 
-    def __init__(self, prefill_fn, decode_fn, params, cache, context=contextlib.nullcontext):
-        self.params, self.cache, self.context = params, cache, context
+    def __init__(self, prefill_fn, decode_fn, params, empty_cache,
+                 context=contextlib.nullcontext):
+        """`empty_cache()` makes the [layers, slots, max_len, ...] cache (again after a
+        failure: `reset`)."""
+        self.params, self.context, self._empty = params, context, empty_cache
+        with context():
+            cache = self.cache = empty_cache()
         self.num_slots = jax.tree.leaves(cache)[0].shape[1]
         self.max_len = jax.tree.leaves(cache)[0].shape[2]
         s = self.num_slots
@@ -367,6 +372,19 @@ class DecodeSlots:
         self.seeds[slot], self.temperature[slot] = sp.seed, sp.temperature
         self.top_k[slot], self.top_p[slot] = sp.top_k, sp.top_p
         return first
+
+    def release(self, slot: int) -> None:
+        """Marks a row free: greedy, so that the sampling masks are skipped while only greedy
+        requests run (the row is still computed and ignored)."""
+        self.temperature[slot], self.top_k[slot], self.top_p[slot] = 0.0, 0, 1.0
+
+    def reset(self) -> None:
+        """A fresh cache and free rows, after a failed step or insert (whose donated cache may
+        be gone)."""
+        with self.context():
+            self.cache = self._empty()
+        for slot in range(self.num_slots):
+            self.release(slot)
 
     def step(self) -> np.ndarray:
         """Feeds every row its last token; returns each row's next token [num_slots]."""

@@ -70,6 +70,7 @@ class Scheduler:
         self.active: dict[int, Sequence] = {}
         self.free = list(range(slots.num_slots))
         self._stop = threading.Event()
+        self.failures = 0
         self.thread = threading.Thread(target=self._loop, name="lm-scheduler", daemon=True)
 
     def submit(self, seqs: list[Sequence]) -> bool:
@@ -118,9 +119,10 @@ class Scheduler:
                 self.metrics.queue_seconds.observe(time.monotonic() - seq.arrival)
                 try:
                     first = self.slots.insert(slot, seq.prompt, seq.sampling)
-                except Exception as e:  # noqa: BLE001 (a bad request must not stop the server)
+                except Exception as e:  # noqa: BLE001 (a failure must not stop the server)
                     self.free.append(slot)
                     seq.events.put((seq.index, "error", f"prefill failed: {e}"))
+                    self._fail_all(f"prefill of another request failed: {e}")
                     continue
                 self.metrics.ttft.observe(time.monotonic() - seq.arrival)
                 self.active[slot] = seq
@@ -135,16 +137,36 @@ class Scheduler:
             try:
                 tokens = self.slots.step()
             except Exception as e:  # noqa: BLE001 (answer everyone, keep serving)
-                for slot, seq in list(self.active.items()):
-                    seq.events.put((seq.index, "error", f"decode failed: {e}"))
-                    self._release(slot)
+                self._fail_all(f"decode failed: {e}")
                 continue
             for slot, seq in list(self.active.items()):
                 self._accept(slot, seq, int(tokens[slot]))
 
+    def _fail_all(self, message: str):
+        """Answers every running sequence with an error and starts from a fresh cache (a failed
+        step may have consumed the donated one)."""
+        for slot, seq in list(self.active.items()):
+            seq.events.put((seq.index, "error", message))
+            self._release(slot)
+        self.slots.reset()
+        self.failures += 1
+
+    def drain(self, timeout: float):
+        """Waits (at shutdown) until every queued and running sequence is answered."""
+        deadline = time.monotonic() + timeout
+        while (self.waiting or self.active) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def _accept(self, slot: int, seq: Sequence, token: int):
         """Records a sequence's next token; sends the new text and finishes it when due."""
         if token in self.stop_ids:
+            if self.tokenizer is not None:  # send the text held back for a stop string
+                text = self.tokenizer.decode(np.asarray(seq.ids, np.int32))
+                cut = min((text.index(s) for s in seq.sampling.stop if s in text),
+                          default=len(text))
+                if text[:cut] != seq.text:
+                    seq.events.put((seq.index, "delta", (text[:cut][len(seq.text):], [])))
+                    seq.text = text[:cut]
             return self._finish(slot, seq, "stop")
         seq.ids.append(token)
         self.metrics.tokens.inc()
@@ -171,6 +193,7 @@ class Scheduler:
     def _release(self, slot: int):
         del self.active[slot]
         self.free.append(slot)
+        self.slots.release(slot)
 
 
 def _hold_back(text: str, stops: tuple[str, ...]) -> str:
@@ -205,8 +228,10 @@ class Metrics:
 
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n",
           "stream", "user", "stream_options"}
-UNSUPPORTED = {"logprobs", "echo", "best_of", "presence_penalty", "frequency_penalty",
-               "logit_bias", "suffix"}
+# Accepted only with the value that changes nothing.
+UNSUPPORTED = {"logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+               "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "logit_bias": (None, {}), "suffix": (None, "")}
 
 
 def _number(body, name, default, lo, hi, integer=False, lo_open=False):
@@ -227,11 +252,16 @@ def parse_request(body, tokenizer, vocab_size: int, max_len: int, max_n: int):
     BadRequest naming the field otherwise."""
     if not isinstance(body, dict):
         raise BadRequest(None, "the request body must be a JSON object")
-    unknown = sorted(set(body) - FIELDS)
-    for name in unknown:
+    for name in sorted(set(body) - FIELDS):
         if name in UNSUPPORTED:
-            raise BadRequest(name, f"{name} is not supported by this server")
+            if any(body[name] == v and type(body[name]) is type(v) for v in UNSUPPORTED[name]):
+                continue
+            raise BadRequest(name, f"{name}={json.dumps(body[name])} is not supported by this "
+                             "server")
         raise BadRequest(name, f"unknown field {name!r}; known: {', '.join(sorted(FIELDS))}")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or options.get("include_usage"):
+        raise BadRequest("stream_options", "stream_options.include_usage is not supported")
     if "prompt" not in body:
         raise BadRequest("prompt", "prompt is required (a string, a list of token ids, or a "
                          "list of either)")
@@ -241,11 +271,19 @@ def parse_request(body, tokenizer, vocab_size: int, max_len: int, max_n: int):
             raise BadRequest("prompt", f"the prompt has {len(p)} tokens; the model's context is "
                              f"{max_len} (the prompt must leave room for a generated token)")
     longest = max(len(p) for p in prompts)
-    max_tokens = _number(body, "max_tokens", 16, 1, max_len - longest, integer=True)
+    room = max_len - longest
+    max_tokens = _number(body, "max_tokens", min(16, room), 1, 2 ** 31, integer=True)
+    if max_tokens > room:
+        raise BadRequest("max_tokens", f"max_tokens is {max_tokens}, but the prompt has "
+                         f"{longest} tokens and the model's context is {max_len}: at most "
+                         f"{room}")
     temperature = _number(body, "temperature", 1.0, 0, 2)
     top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
     top_k = _number(body, "top_k", 0, 0, vocab_size, integer=True)
     n = _number(body, "n", 1, 1, max_n, integer=True)
+    if len(prompts) * n > max_n:
+        raise BadRequest("n", f"{len(prompts)} prompts x n={n} sequences exceed what the server "
+                         f"queues at once ({max_n})")
     seed = _number(body, "seed", None, 0, 2 ** 32 - 1 - n, integer=True)
     if seed is None:
         seed = secrets.randbelow(2 ** 31)
@@ -328,7 +366,10 @@ class Handler(BaseHTTPRequestHandler):
         srv = self.server
         if self.path == "/health":
             sched = srv.scheduler
-            self._send_json(200, {"status": "ok", "slots": sched.slots.num_slots,
+            alive = sched.thread.is_alive()
+            self._send_json(200 if alive else 503, {
+                "status": "ok" if alive else "scheduler stopped", "slots": sched.slots.num_slots,
+                "failed_steps": sched.failures,
                                   "slots_in_use": len(sched.active),
                                   "queue": len(sched.waiting)})
         elif self.path == "/metrics":
@@ -348,13 +389,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         srv = self.server
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.close_connection = True  # the body's end is unknown: this connection is done
+            self._error(411, "a request body with a valid Content-Length is required")
+            return
+        raw = self.rfile.read(length)
         if self.path != "/v1/completions":
             self._error(404, f"no route POST {self.path}; try /v1/completions", kind="not_found")
             return
         try:
-            length = int(self.headers.get("Content-Length") or 0)
             try:
-                body = json.loads(self.rfile.read(length) or b"null")
+                body = json.loads(raw or b"null")
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise BadRequest(None, f"invalid JSON: {e}") from None
             prompts, sampling, n, stream = parse_request(
@@ -495,11 +542,11 @@ def build(args):
 
 def warm_up(slots, max_len: int) -> None:
     """Compiles the decode step and every prefill length bucket before the first request."""
-    p = 1
-    while p < max_len:
-        slots.insert(0, [0] * p, SamplingParams())
-        p = _bucket(p + 1)
+    widths = sorted({min(_bucket(n), max_len) for n in range(1, max_len)})
+    for width in widths:
+        slots.insert(0, [0] * min(width, max_len - 1), SamplingParams())
     slots.step()
+    slots.reset()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -553,6 +600,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        # No new connections; everything accepted is finished and answered first.
+        scheduler.drain(args.timeout_s)
+        time.sleep(0.2)  # the handlers write their last bytes
         scheduler.stop()
         server.server_close()
 

@@ -76,6 +76,20 @@ def test_logits_and_greedy_generation_match_transformers(tmp_path, kind, extra):
                                rtol=1e-5)
 
 
+def test_the_original_gpt2_layout_without_the_transformer_prefix(tmp_path):
+    """The Hub's original GPT-2 files name tensors `wte.weight`, `h.0.attn.c_attn.weight`."""
+    from safetensors.numpy import load_file, save_file
+    model = hf_model("gpt2")
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()
+               if k != "lm_head.weight"}, path, metadata={"format": "pt"})
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    np.testing.assert_allclose(lm_logits(Engine.from_checkpoint(str(tmp_path / "lm")), TOKENS),
+                               hf_logits(model, TOKENS), atol=1e-4, rtol=1e-4)
+
+
 def test_sharded_safetensors_and_the_command_line(tmp_path):
     model = hf_model("llama")
     model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB")

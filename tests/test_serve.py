@@ -164,6 +164,10 @@ def test_64_concurrent_requests_each_equal_their_single_greedy_output(server, en
     ({"prompt": "hi", "stop": 3}, "stop"),
     ({"prompt": "hi", "seed": 1.5}, "seed"),
     ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": ["hi"] * 60, "n": 2}, "n"),  # 120 sequences; the queue holds 100
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": True}},
+     "stream_options"),
     ({"prompt": "hi", "colour": "red"}, "colour"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, body, field):
@@ -175,6 +179,27 @@ def test_bad_requests_get_400_naming_the_field(server, body, field):
     # ... and the server keeps serving.
     out = server.client.completions.create(model="m", prompt="ok", max_tokens=2, temperature=0)
     assert len(out.choices[0].model_extra["token_ids"]) >= 1
+
+
+def test_neutral_fields_default_max_tokens_and_a_kept_alive_connection(server):
+    """Clients send OpenAI's defaults of fields the server does not implement; a long prompt
+    without max_tokens gets what room is left; a 404 leaves the connection usable."""
+    prompt = list(range(1, 60))  # 59 tokens: 5 positions left of 64
+    status, text = server.request("POST", "/v1/completions", {
+        "prompt": prompt, "temperature": 0, "echo": False, "logprobs": None,
+        "presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "user": "u"})
+    assert status == 200, text
+    assert 1 <= len(json.loads(text)["choices"][0]["token_ids"]) <= 5
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": []}),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 404 and "try /v1/completions" in resp.read().decode()
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ok", "max_tokens": 2}),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    conn.close()
 
 
 def test_bad_request_through_the_client(server):
