@@ -162,3 +162,13 @@ def test_a_mismatched_or_unsupported_config_is_a_clear_error(tmp_path, edit, mes
                               capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert proc.returncode == 2 and "k_proj.weight has shape" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_bfloat16_weights_are_read(tmp_path):
+    """Published Llama weights are bf16 (numpy has no bf16: read through safetensors' flax
+    backend), stored by lm in float32."""
+    model = hf_model("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    np.testing.assert_allclose(lm_logits(Engine.from_checkpoint(str(tmp_path / "lm")), TOKENS),
+                               hf_logits(model.float(), TOKENS), atol=1e-4, rtol=1e-4)
