@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             if tok is None:
                 raise ConfigError(f"no tokenizer found for {args.checkpoint}: use --prompt-ids")
-            prompt = [int(x) for x in tok.encode(args.prompt)]
+            prompt = [int(x) for x in tok.encode_prompt(args.prompt)]
         sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             stop_ids=(tok.eod_id,) if tok is not None else (),

@@ -312,7 +312,7 @@ def _prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
             if tokenizer is None:
                 raise BadRequest("prompt", "this model has no tokenizer: send token ids as the "
                                  "prompt")
-            ids = [int(t) for t in tokenizer.encode(p)]
+            ids = [int(t) for t in tokenizer.encode_prompt(p)]
         elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                          for t in p):
             ids = p

@@ -172,3 +172,22 @@ def test_bfloat16_weights_are_read(tmp_path):
     from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
     np.testing.assert_allclose(lm_logits(Engine.from_checkpoint(str(tmp_path / "lm")), TOKENS),
                                hf_logits(model.float(), TOKENS), atol=1e-4, rtol=1e-4)
+
+
+def test_a_converted_tokenizer_adds_its_bos_to_prompts(tmp_path):
+    """A Llama tokenizer.json whose post-processor prepends <s>: prompts for generation and
+    serving get it (as Hugging Face's tokenizer gives it), training data does not."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    hf_model("llama").save_pretrained(tmp_path / "hf", safe_serialization=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate("abcdefgh ")}}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+        ("<s>", 1)])
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    converted = Engine.from_checkpoint(str(tmp_path / "lm")).tokenizer
+    hf_ids = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "hf" / "tokenizer.json")).encode("abc")
+    assert converted.encode_prompt("abc").tolist() == hf_ids and hf_ids[0] == 1
+    assert converted.encode("abc").tolist() == hf_ids[1:] and converted.eod_id == 2

@@ -21,11 +21,19 @@ def test_there_are_notebooks_and_they_are_stripped():
                     f"{name} has outputs: clear them before committing")
 
 
+@pytest.fixture(scope="module")
+def quickstart_workdir(tmp_path_factory):
+    """Notebook 01 trains here and notebook 03 generates from it (when 01 ran first)."""
+    return str(tmp_path_factory.mktemp("notebooks") / "quickstart")
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_top_to_bottom(name, monkeypatch):
+def test_notebook_runs_top_to_bottom(name, monkeypatch, quickstart_workdir):
     from nbclient import NotebookClient
     monkeypatch.setenv("LM_NB_QUICK", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("LM_NB_WORKDIR", quickstart_workdir)
+    monkeypatch.setenv("LM_NB_CHECKPOINT", quickstart_workdir)
     path = os.path.join(ROOT, "notebooks", name)
     nb = nbformat.read(path, as_version=4)
     t = time.monotonic()

@@ -41,6 +41,9 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
 
+    def encode_prompt(self, text: str) -> np.ndarray:
+        return self.encode(text)
+
     def decode(self, ids) -> str:
         """Text for `ids`; special and out-of-vocabulary ids are dropped, invalid UTF-8 becomes
         U+FFFD."""
@@ -76,6 +79,11 @@ class BPETokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """A prompt for generation: with the tokens the tokenizer's own post-processor adds
+        (a converted Llama's `<s>`; nothing for tokenizers lm trained), as Hugging Face does."""
+        return np.array(self.tokenizer.encode(text, add_special_tokens=True).ids, np.int32)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
