@@ -121,41 +121,36 @@ def test_the_sampling_pieces():
     assert kept.tolist() == [[False, True, False, False], [True, True, True, True]]
 
 
-@pytest.fixture(scope="module")
-def workdir(trained_workdir):
-    return trained_workdir
-
-
-def test_generate_command_line(workdir):
+def test_generate_command_line(trained_workdir):
     def gen(*args):
         return subprocess.run([sys.executable, "-m", "lm.generate", *args], capture_output=True,
                               text=True, cwd=ROOT, timeout=300)
 
-    proc = gen("--checkpoint", str(workdir), "--prompt", "def ", "--max-new-tokens", "5",
+    proc = gen("--checkpoint", str(trained_workdir), "--prompt", "def ", "--max-new-tokens", "5",
                "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert 1 <= len(out["token_ids"]) <= 5 and isinstance(out["text"], str)
     # Greedy is deterministic, and one checkpoint directory works as well as the workdir.
-    again = gen("--checkpoint", str(workdir / "checkpoints" / "2"), "--prompt-ids",
+    again = gen("--checkpoint", str(trained_workdir / "checkpoints" / "2"), "--prompt-ids",
                 "100,101,32", "--max-new-tokens", "4", "--json")
     assert again.returncode == 0, again.stderr[-2000:]
-    same = gen("--checkpoint", str(workdir), "--prompt-ids", "100,101,32", "--max-new-tokens",
-               "4", "--json")
+    same = gen("--checkpoint", str(trained_workdir), "--prompt-ids", "100,101,32",
+               "--max-new-tokens", "4", "--json")
     assert json.loads(again.stdout)["token_ids"] == json.loads(same.stdout)["token_ids"]
     for bad, message in [(["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
                          (["--prompt-ids", "1,x"], "--prompt-ids"),
                          (["--prompt", "x" * 300], "exceed the model's context")]:
-        proc = gen("--checkpoint", str(workdir), *bad)
+        proc = gen("--checkpoint", str(trained_workdir), *bad)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
         assert "Traceback" not in proc.stderr
-    proc = gen("--checkpoint", str(workdir / "nothing"), "--prompt", "x")
+    proc = gen("--checkpoint", str(trained_workdir / "nothing"), "--prompt", "x")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr
 
 
-def test_exported_functions_run_in_a_fresh_process_and_match_the_engine(workdir, tmp_path):
+def test_exported_functions_run_in_a_fresh_process_and_match_the_engine(trained_workdir, tmp_path):
     out = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-m", "lm.export", "--checkpoint", str(workdir),
+    proc = subprocess.run([sys.executable, "-m", "lm.export", "--checkpoint", str(trained_workdir),
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -170,7 +165,7 @@ def test_exported_functions_run_in_a_fresh_process_and_match_the_engine(workdir,
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     got = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert not got["model_imported"]
-    want = Engine.from_checkpoint(str(workdir)).generate(prompts,
+    want = Engine.from_checkpoint(str(trained_workdir)).generate(prompts,
                                                          SamplingParams(max_new_tokens=8))
     assert got["ids"] == want
 
