@@ -66,7 +66,7 @@ def main():
             jax.random.normal(k, x.shape, x.dtype) * 0.01 if jax.numpy.issubdtype(
                 x.dtype, jax.numpy.floating) and x.ndim else x for k, x in zip(keys, leaves)])
         jax.block_until_ready(state)
-    n = sum(x.size for x in jax.tree.leaves(state["params"]))
+    n = sum(x.size for x in jax.tree.leaves(state.params))
     rows = [measure(state, a, args.saves, args.dir) for a in (False, True)]
     print(f"gpt2_small: {n:,} parameters, checkpoint {rows[0]['bytes'] / 1e9:.2f} GB on "
           f"{jax.devices()[0].device_kind}")

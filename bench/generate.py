@@ -65,7 +65,7 @@ def engine_for(shape: dict, style: str, dtype: str, cache_dtype, int8: bool) -> 
             "precision.param_dtype": dtype, "precision.compute_dtype": dtype}
     run = from_config_dict(override(load_config_file(os.path.join(ROOT, "configs/base.py")),
                                     **flat))
-    graphdef, params = nnx.split(Transformer(run.model, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(Transformer(run.model, run.precision, rngs=nnx.Rngs(0)))
     return Engine(graphdef, quantize(params) if int8 else params, cache_dtype=cache_dtype)
 
 

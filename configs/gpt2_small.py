@@ -5,12 +5,12 @@
 
 Byte-level data (the embedded corpus) uses 258 of the 50,257 rows; the BPE data issue fills them.
 """
-from configs import base
+from lm.config import defaults
 
 
 def get_config(arg=None):
     del arg
-    c = base.get_config()
+    c = defaults()
     c.model.update(style="gpt2", num_layers=12, d_model=768, num_heads=12, num_kv_heads=12,
                    mlp_dim=3072, vocab_size=50257, max_len=1024)
     c.train.update(steps=100_000, batch_size=512, seq_len=1024, eval_every=1000, log_every=50)

@@ -6,12 +6,12 @@ of one sequence per data replica (GPipe schedule, bubble 15 / 207 = 7.2%). For `
 
     python -m lm.plan --config configs/gpt3_175b.py
 """
-from configs import base
+from lm.config import defaults
 
 
 def get_config(arg=None):
     del arg
-    c = base.get_config()
+    c = defaults()
     c.model.update(style="gpt2", num_layers=96, d_model=12288, num_heads=96, num_kv_heads=96,
                    mlp_dim=49152, vocab_size=50257, max_len=2048, remat="full")
     c.train.update(batch_size=1536, seq_len=2048)

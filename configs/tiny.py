@@ -7,12 +7,12 @@
 Expected on 2 CPU cores: about 5.5 minutes; the loss falls from ~5.9 to ~1.6 nats/byte and the
 final sample looks like Python (one run: `def test_list(self._ostr))` ... `self.assertEqual(`).
 """
-from configs import base
+from lm.config import defaults
 from lm.optim import scale_lr
 
 
 def get_config(arg=None):
-    c = base.get_config()
+    c = defaults()
     c.model.update(num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, mlp_dim=1024,
                    vocab_size=384, max_len=256, scan_layers=False)
     c.train.update(steps=800, batch_size=16, seq_len=128, eval_every=100, log_every=20)

@@ -3,12 +3,12 @@
 
     python -m lm.plan --config configs/zero_7b5.py --devices 64 --config.mesh.rules=zero1
 """
-from configs import base
+from lm.config import defaults
 
 
 def get_config(arg=None):
     del arg
-    c = base.get_config()
+    c = defaults()
     c.model.update(style="gpt2", num_layers=36, d_model=4096, num_heads=32, num_kv_heads=32,
                    mlp_dim=16384, vocab_size=50257, max_len=1024, remat="full")
     c.train.update(batch_size=512, seq_len=1024)

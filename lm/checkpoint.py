@@ -1,6 +1,7 @@
 """Orbax checkpoints under WORKDIR/checkpoints/STEP, one directory per saved step, with items
 
-    state   the train state {"step", "params", "opt_state", "loss_scale"}, sharded: every process
+    state   the train state (`lm.train.TrainState`: step, params, opt_state, loss_scale, and
+            master with master weights), sharded: every process
             writes only its own shards (orbax's OCDBT), and restores onto any mesh
     loader  the data loader's state (JSON): the next batch of a resumed run is the next batch
     config  the resolved run config (JSON), so a resume can check it trains the same model
@@ -13,13 +14,15 @@ mid-save never leaves a step that would be picked up. A step that is complete bu
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
-from lm.config import ConfigError
+from lm.config import ConfigError, from_config_dict
 
 
 class Checkpointer:
@@ -38,7 +41,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(create=not self.options["read_only"],
                                                  **self.options))
 
-    def save(self, step: int, state: dict[str, Any], loader_state: dict | None = None,
+    def save(self, step: int, state: Any, loader_state: dict | None = None,
              config: dict | None = None) -> None:
         """Starts saving `step` (returns once the arrays are copied off the devices when async);
         a write error of the previous save surfaces here or in `wait`."""
@@ -68,13 +71,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
+    def restore(self, step: int, abstract_state: Any) -> Any:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (any mesh)."""
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
 
-    def restore_latest(self, abstract_state: dict[str, Any], log: Callable[[str], None] = print
-                       ) -> tuple[int, dict[str, Any], dict | None] | None:
+    def restore_latest(self, abstract_state: Any, log: Callable[[str], None] = print
+                       ) -> tuple[int, Any, dict | None] | None:
         """The newest step that restores, as (step, state, loader state), or None if there is
         none. Damaged steps are reported through `log` and moved aside."""
         for step in reversed(self.all_steps()):
@@ -115,8 +118,8 @@ class Checkpointer:
     def restore_config(self, step: int) -> dict | None:
         if not self._has(step, "config"):
             return None
-        return self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
+        return _upgrade(self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"])
 
     def close(self) -> None:
         self.wait()
@@ -138,20 +141,26 @@ def _step_dir(path: str) -> str:
 
 def run_config_of(path: str):
     """(RunConfig, workdir) of a checkpoint: its saved config item, else WORKDIR/config.json."""
-    import json
-
-    from lm.config import from_config_dict
     step_dir = _step_dir(path)
     workdir = os.path.dirname(os.path.dirname(step_dir))
     for candidate in (os.path.join(step_dir, "config", "metadata"),
                       os.path.join(workdir, "config.json")):
         if os.path.exists(candidate):
             with open(candidate) as f:
-                saved = json.load(f)
-            import ml_collections
+                saved = _upgrade(json.load(f))
             return from_config_dict(ml_collections.ConfigDict(saved)), workdir
     raise ConfigError(f"no config found for the checkpoint {step_dir} (neither its config item "
                       f"nor {workdir}/config.json)")
+
+
+def _upgrade(saved: dict) -> dict:
+    """A saved config in today's schema: before the precision section held the dtypes, they
+    were saved under model."""
+    model, precision = saved.get("model", {}), saved.setdefault("precision", {})
+    for name in ("param_dtype", "compute_dtype"):
+        if name in model:
+            precision[name] = model.pop(name)
+    return saved
 
 
 def restore_params(path: str, abstract_params: dict[str, Any]) -> tuple[int, dict[str, Any]]:

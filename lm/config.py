@@ -1,4 +1,9 @@
-"""Run configuration: ConfigDict (from `configs/*.py`) -> validated, frozen dataclasses.
+"""Run configuration: the schema, and ConfigDict (from `configs/*.py`) -> frozen dataclasses.
+
+The sections below are the only declaration of the config: each key's type, default, one-line
+meaning and allowed values (`key(...)`). `defaults()` builds the ConfigDict that every file in
+`configs/` starts from, and `python -m lm.config_reference` writes docs/configuration.md from the
+same fields, so a key is added in one place.
 
 Config files are Python (`get_config(arg) -> ml_collections.ConfigDict`). The entry point calls
 `from_config_dict` once, before anything compiles; every module below it receives only the small
@@ -31,24 +36,34 @@ class ConfigError(ValueError):
     """A config value a user can fix; the message names the key."""
 
 
+def key(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config key: its default, its one-line meaning (docs/configuration.md) and, for a
+    string, the values it may take (checked by `from_config_dict`)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    style: str = "gpt2"  # 'gpt2': learned positions, LayerNorm, GELU, tied; 'llama': RoPE, RMSNorm, SwiGLU, GQA
-    num_layers: int = 4
-    d_model: int = 256
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    mlp_dim: int = 1024
-    vocab_size: int = 384
-    max_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    scan_layers: bool = True  # lax.scan over the stacked layers (fast compiles) or unroll them
-    # Recomputed in the backward pass, per layer: 'none'; 'full' (save only the layer input);
-    # 'dots' (save matmul outputs); 'minimal' (save only the attention output).
-    remat: str = "none"
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
+    """The network (`lm/model.py`). One definition, two styles."""
+    style: str = key("gpt2", "'gpt2' (learned positions, LayerNorm, GELU, tied output head) or "
+                     "'llama' (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head)",
+                     STYLES)
+    num_layers: int = key(4, "transformer layers")
+    d_model: int = key(256, "width of the residual stream")
+    num_heads: int = key(4, "query heads; head_dim = d_model / num_heads")
+    num_kv_heads: int = key(4, "key/value heads; fewer than num_heads is grouped-query attention "
+                            "(must divide num_heads)")
+    mlp_dim: int = key(1024, "hidden width of the MLP (SwiGLU: of each of its two input "
+                       "projections)")
+    vocab_size: int = key(384, "embedding rows; at least the tokenizer's vocabulary (byte "
+                          "tokenizer: 258)")
+    max_len: int = key(256, "longest sequence (learned positions, KV cache length when serving)")
+    rope_theta: float = key(10000.0, "RoPE base frequency (llama style)")
+    norm_eps: float = key(1e-5, "epsilon of LayerNorm / RMSNorm")
+    scan_layers: bool = key(True, "lax.scan over the stacked layers (fast compiles, less memory "
+                            "with remat) or unroll them (often faster steps for shallow models)")
+    remat: str = key("none", "what a layer keeps for the backward pass: 'none', 'full' (its "
+                     "input), 'dots' (matmul outputs), 'minimal' (the attention output)", REMAT)
 
     @property
     def head_dim(self) -> int:
@@ -61,69 +76,87 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 16  # global, over all hosts and devices
-    seq_len: int = 128
-    seed: int = 0
-    eval_every: int = 100
-    eval_batches: int = 4
-    log_every: int = 10
-    sample_tokens: int = 200
-    progress: bool = True
-    microbatches: int = 1  # gradient accumulation: the batch is split into this many, in one jit
-    skip_nonfinite: bool = False  # skip an update whose gradients are not finite (always on
-                                  # with dynamic loss scaling); off: a non-finite loss stops the run
-    init_from: str = ""  # parameters only, from a checkpoint directory or a training workdir
+    """The training loop (`lm/train.py`)."""
+    steps: int = key(1000, "optimizer steps of the run")
+    batch_size: int = key(16, "global batch in sequences, over all hosts and devices")
+    seq_len: int = key(128, "tokens per training sequence")
+    seed: int = key(0, "parameter initialization and data order")
+    eval_every: int = key(100, "steps between evaluations on the held-out split")
+    eval_batches: int = key(4, "batches per evaluation")
+    log_every: int = key(10, "steps between logged metrics (JSONL, TensorBoard)")
+    sample_tokens: int = key(200, "tokens sampled from the final model (0: none)")
+    progress: bool = key(True, "show a progress bar")
+    microbatches: int = key(1, "gradient accumulation: microbatches per step, in one jit "
+                            "(divides batch_size)")
+    skip_nonfinite: bool = key(False, "skip updates whose gradients are not finite (always on "
+                               "with dynamic loss scaling); off, a non-finite loss stops the run")
+    init_from: str = key("", "start from these parameters (a checkpoint directory, a workdir, "
+                         "or an lm.convert from-hf directory); fresh optimizer state")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | lamb | lars | nvlamb | sgd
-    lr: float = 3e-4
-    schedule: str = "cosine"  # after linear warmup: cosine | linear | constant | inverse_sqrt
-    warmup_steps: int = 100
-    decay_steps: int = 0  # cosine decay length; 0 = until train.steps
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    momentum: float = 0.9  # sgd, lars
-    nesterov: bool = False  # sgd, lars
-    trust_coefficient: float = 0.001  # lars
+    """The optimizer and learning-rate schedule (`lm/optim.py`)."""
+    name: str = key("adamw", "'adamw', 'lamb', 'lars', 'nvlamb' or 'sgd' (momentum)", OPTIMIZERS)
+    lr: float = key(3e-4, "peak learning rate (lm.optim.scale_lr: linear / sqrt batch-size "
+                    "rules)")
+    schedule: str = key("cosine", "after the linear warmup: 'cosine', 'linear', 'constant', "
+                        "'inverse_sqrt'", SCHEDULES)
+    warmup_steps: int = key(100, "linear warmup from 0 to lr")
+    decay_steps: int = key(0, "end of the cosine / linear decay; 0 = train.steps")
+    min_lr_ratio: float = key(0.1, "floor of the decay, as a fraction of lr")
+    weight_decay: float = key(0.1, "decoupled weight decay (not on norms and biases)")
+    clip_norm: float = key(1.0, "clip the global gradient norm to this; 0 disables (nvlamb: its "
+                           "max_grad_norm, > 0)")
+    b1: float = key(0.9, "first-moment decay (Adam family)")
+    b2: float = key(0.95, "second-moment decay (Adam family)")
+    eps: float = key(1e-8, "denominator epsilon (Adam family)")
+    momentum: float = key(0.9, "momentum (sgd, lars)")
+    nesterov: bool = key(False, "Nesterov momentum (sgd, lars)")
+    trust_coefficient: float = key(0.001, "LARS trust ratio coefficient")
 
 
 @dataclasses.dataclass(frozen=True)
 class PrecisionConfig:
-    """Numerics beyond the dtypes (`precision.param_dtype` / `compute_dtype` live in
-    ModelConfig, which the model is built from)."""
-    master_weights: bool = False  # float32 master copy in the optimizer state
-    loss_scale: str = "auto"  # 'auto' (dynamic when a dtype is float16) | 'dynamic' | 'none'
-    initial_scale: float = 2.0 ** 16
-    growth_factor: float = 2.0
-    growth_interval: int = 1000  # clean steps before the scale grows
-    backoff_factor: float = 0.5
-    hysteresis: int = 2  # overflows tolerated before the scale backs off
-    min_scale: float = 1.0
+    """Number formats and dynamic loss scaling (docs/numerics.md). The model receives this
+    section with its ModelConfig."""
+    param_dtype: str = key("float32", "stored parameters: 'float32', 'bfloat16' or 'float16'",
+                           DTYPES)
+    compute_dtype: str = key("float32", "activations and matmuls; logits and the loss are "
+                             "always float32", DTYPES)
+    master_weights: bool = key(False, "keep a float32 master copy in the optimizer state (with "
+                               "half-precision parameters)")
+    loss_scale: str = key("auto", "'auto' (dynamic when a dtype is float16), 'dynamic' or "
+                          "'none'", LOSS_SCALE)
+    initial_scale: float = key(2.0 ** 16, "dynamic loss scaling: the starting scale")
+    growth_factor: float = key(2.0, "scale multiplier after growth_interval clean steps")
+    growth_interval: int = key(1000, "clean steps before the scale grows")
+    backoff_factor: float = key(0.5, "scale multiplier once hysteresis overflows have been seen")
+    hysteresis: int = key(2, "overflows tolerated before the scale backs off (Megatron)")
+    min_scale: float = key(1.0, "the scale never falls below this")
 
-    def dynamic(self, model: ModelConfig) -> bool:
+    @property
+    def dynamic(self) -> bool:
+        """Whether the loss is scaled dynamically (and non-finite steps are skipped)."""
         return self.loss_scale == "dynamic" or (
-            self.loss_scale == "auto" and "float16" in (model.param_dtype, model.compute_dtype))
+            self.loss_scale == "auto" and "float16" in (self.param_dtype, self.compute_dtype))
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    sequence: int = 1
-    pipeline: int = 1
-    rules: str = "fsdp+tp"  # what is split over which axis: presets joined by '+' (see sharding)
-    # Across nodes (DCN / InfiniBand): each axis's total size is its ICI size x its DCN size.
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_pipeline: int = 1
+    """The device mesh and what is split over it (docs/parallelism.md, `lm/sharding.py`)."""
+    data: int = key(-1, "data-parallel ways (-1: the devices the other axes leave)")
+    fsdp: int = key(1, "fully sharded data-parallel ways (parameters, gradients and optimizer "
+                    "state split; ZeRO-3)")
+    tensor: int = key(1, "tensor-parallel ways (Megatron slicing of heads, MLP and vocabulary)")
+    sequence: int = key(1, "sequence-parallel ways (the length axis of activations)")
+    pipeline: int = key(1, "pipeline stages (contiguous blocks of layers)")
+    rules: str = key("fsdp+tp", "what each axis splits: presets joined by '+': dp, zero1, zero2, "
+                     "zero3, fsdp, tp, sp")
+    dcn_data: int = key(1, "across nodes (DCN / InfiniBand): data ways; an axis's total size is "
+                        "its ICI size x its DCN size")
+    dcn_fsdp: int = key(1, "across nodes: fsdp ways")
+    dcn_pipeline: int = key(1, "across nodes: pipeline stages")
 
     def dcn_shape(self) -> dict[str, int]:
         return {a: getattr(self, f"dcn_{a}", 1) for a in MESH_AXES}
@@ -134,42 +167,63 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """How the layers run over the `mesh.pipeline` stages (see lm.pipeline); unused when
+    """Pipeline schedules over `mesh.pipeline` stages (`lm/pipeline.py`); unused when
     mesh.pipeline is 1."""
-    schedule: str = "gpipe"  # 'gpipe' | 'interleaved'
-    microbatches: int = 1  # M per step (per train.microbatches slice): a multiple of the stages
-    virtual_stages: int = 1  # v layer chunks per stage (interleaved); 1 for gpipe
+    schedule: str = key("gpipe", "'gpipe' or 'interleaved' (virtual_stages layer chunks per "
+                        "stage)", PIPELINE_SCHEDULES)
+    microbatches: int = key(1, "micro-batches per step; a multiple of the stages")
+    virtual_stages: int = key(1, "layer chunks per stage: 1 for gpipe, >= 2 for interleaved")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    path: str = ""              # a `python -m lm.data.prepare` directory; "" = the embedded corpus
-    val_fraction: float = 0.02  # embedded corpus: share of documents held out for evaluation
-    shuffle: bool = True        # a seeded permutation of the sequences each epoch
-    prefetch: int = 2           # batches built ahead by a background thread; 0 = none
+    """Training data (docs/data.md)."""
+    path: str = key("", "a `python -m lm.data.prepare` directory; '' = the embedded corpus (the "
+                    "stdlib's sources, prepared into WORKDIR/data)")
+    val_fraction: float = key(0.02, "embedded corpus: share of documents held out for "
+                              "evaluation")
+    shuffle: bool = key(True, "a seeded permutation of the sequences each epoch")
+    prefetch: int = key(2, "batches built ahead by a background thread; 0 = none")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0  # 0 = only the final checkpoint
-    keep: int = 2  # the most recent ones kept
-    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
-    async_save: bool = True  # write in the background while training goes on
+    """Orbax checkpoints in WORKDIR/checkpoints (docs/checkpoints.md)."""
+    every: int = key(0, "steps between checkpoints (0: only the final one)")
+    keep: int = key(2, "the most recent checkpoints kept")
+    keep_every: int = key(0, "also keep every checkpoint whose step is a multiple of this "
+                          "(0: none)")
+    async_save: bool = key(True, "write checkpoints in the background while training goes on")
+
+
+# The schema: section name -> its dataclass, in the order the reference documents them.
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig,
+    "precision": PrecisionConfig, "mesh": MeshConfig, "pipeline": PipelineConfig,
+    "data": DataConfig, "checkpoint": CheckpointConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    model: ModelConfig
-    train: TrainConfig
-    optim: OptimConfig
-    precision: PrecisionConfig
-    mesh: MeshConfig
-    data: DataConfig
-    checkpoint: CheckpointConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    mesh: MeshConfig = MeshConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key of every section with its default: what `configs/*.py` start from."""
+    return ml_collections.ConfigDict({
+        name: {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, cls in SECTIONS.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,19 +250,20 @@ def override(cfg: ml_collections.ConfigDict, **flat: Any) -> ml_collections.Conf
     Unknown keys raise ConfigError, as `--config.x.y=` does on the command line.
     """
     cfg = ml_collections.ConfigDict(cfg.to_dict())
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
         node = cfg
         for p in parents:
             if p not in node:
-                raise ConfigError(f"unknown config key {key!r}: no section {p!r}")
+                raise ConfigError(f"unknown config key {dotted!r}: no section {p!r}")
             node = node[p]
         if leaf not in node:
-            raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node.keys())}")
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: "
+                              f"{sorted(node.keys())}")
         try:
             node[leaf] = value
         except TypeError as e:  # ConfigDict keeps each key's type
-            raise ConfigError(f"{key!r}: {e}") from None
+            raise ConfigError(f"{dotted!r}: {e}") from None
     return cfg
 
 
@@ -216,83 +271,60 @@ def override(cfg: ml_collections.ConfigDict, **flat: Any) -> ml_collections.Conf
 # ConfigDict -> dataclasses
 
 
-def _section(cd: ml_collections.ConfigDict, name: str, cls: type, rename=None) -> Any:
-    """Builds dataclass `cls` from section `name`, rejecting unknown keys and wrong types."""
-    rename = rename or {}
-    if name not in cd:
-        return None
-    raw = cd[name].to_dict() if isinstance(cd[name], ml_collections.ConfigDict) else dict(cd[name])
+def _section(raw: Any, name: str, cls: type) -> Any:
+    """Builds dataclass `cls` from section `name`, rejecting unknown keys, wrong types and
+    values outside a key's choices."""
+    raw = raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else dict(raw)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in raw.items():
-        field = rename.get(key, key)
-        if field not in fields:
-            valid = sorted(set(fields) - set(rename.values()) | set(rename))
-            raise ConfigError(f"unknown config key '{name}.{key}'; valid keys: {valid}")
-        default = fields[field].default
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"'{name}.{key}' must be true or false, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"'{name}.{key}' must be an integer, got {value!r}")
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"'{name}.{key}' must be a number, got {value!r}")
-            value = float(value)
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ConfigError(f"'{name}.{key}' must be a string, got {value!r}")
-        kwargs[field] = value
+    for k, value in raw.items():
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{name}.{k}'; valid keys: {sorted(fields)}")
+        kwargs[k] = _typed(f"{name}.{k}", value, fields[k].default)
+        choices = fields[k].metadata.get("choices")
+        _check(not choices or value in choices, f"{name}.{k}",
+               f"must be one of {list(choices or ())}, got {value!r}")
     return cls(**kwargs)
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def _typed(name: str, value: Any, default: Any) -> Any:
+    """`value`, checked against the type of the key's default (an int is a valid float)."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    else:
+        ok, kind = isinstance(value, str), "a string"
     if not ok:
-        raise ConfigError(f"'{key}' {message}")
+        raise ConfigError(f"'{name}' must be {kind}, got {value!r}")
+    return value
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{name}' {message}")
 
 
 def from_config_dict(cd: ml_collections.ConfigDict) -> RunConfig:
     """Validates `cd` and returns the frozen RunConfig every module is built from."""
-    known = {"model", "train", "optim", "precision", "mesh", "data", "checkpoint", "pipeline"}
-    for key in cd.keys():
-        if key not in known:
-            raise ConfigError(f"unknown config section {key!r}; valid sections: {sorted(known)}")
-    # `precision` is its own section for users but travels inside ModelConfig.
-    model = _section(cd, "model", ModelConfig) or ModelConfig()
-    if "precision" in cd:
-        prec = dict(cd.precision)
-        dtypes = {k: prec.pop(k) for k in ("param_dtype", "compute_dtype") if k in prec}
-        for k, v in dtypes.items():
-            if not isinstance(v, str):
-                raise ConfigError(f"'precision.{k}' must be a string, got {v!r}")
-        model = dataclasses.replace(model, **dtypes)
-        try:
-            precision = _section({"precision": prec}, "precision", PrecisionConfig)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("valid keys: [", "valid keys: ['compute_dtype', "
-                                             "'param_dtype', ")) from None
-    else:
-        precision = PrecisionConfig()
-    run = RunConfig(
-        model=model,
-        train=_section(cd, "train", TrainConfig) or TrainConfig(),
-        optim=_section(cd, "optim", OptimConfig) or OptimConfig(),
-        precision=precision,
-        mesh=_section(cd, "mesh", MeshConfig) or MeshConfig(),
-        data=_section(cd, "data", DataConfig) or DataConfig(),
-        checkpoint=_section(cd, "checkpoint", CheckpointConfig) or CheckpointConfig(),
-        pipeline=_section(cd, "pipeline", PipelineConfig) or PipelineConfig(),
-    )
+    for name in cd.keys():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section {name!r}; valid sections: "
+                              f"{sorted(SECTIONS)}")
+    run = RunConfig(**{name: _section(cd[name], name, SECTIONS[name]) for name in cd.keys()})
     validate(run)
     return run
 
 
 def validate(run: RunConfig) -> None:
-    m, t, o = run.model, run.train, run.optim
-    _check(m.style in STYLES, "model.style", f"must be one of {list(STYLES)}, got {m.style!r}")
-    for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size",
-                "max_len"):
-        _check(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    """The checks that relate keys to each other (types and choices are checked per key)."""
+    m, t, o, p, pp = run.model, run.train, run.optim, run.precision, run.pipeline
+    for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size",
+                 "max_len"):
+        _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
     _check(m.d_model % m.num_heads == 0, "model.num_heads",
            f"({m.num_heads}) must divide model.d_model ({m.d_model})")
     _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
@@ -303,24 +335,16 @@ def validate(run: RunConfig) -> None:
     else:
         _check(m.head_dim % 2 == 0, "model.d_model",
                f"/ model.num_heads must be even for RoPE, got head_dim {m.head_dim}")
-    for key in ("param_dtype", "compute_dtype"):
-        _check(getattr(m, key) in DTYPES, f"precision.{key}",
-               f"must be one of {list(DTYPES)}, got {getattr(m, key)!r}")
 
-    for key in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "eval_batches"):
-        _check(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "eval_batches"):
+        _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
     _check(t.sample_tokens >= 0, "train.sample_tokens", f"must be >= 0, got {t.sample_tokens}")
     _check(t.seq_len <= m.max_len, "train.seq_len",
            f"({t.seq_len}) must be <= model.max_len ({m.max_len})")
-
-    _check(m.remat in REMAT, "model.remat", f"must be one of {list(REMAT)}, got {m.remat!r}")
     _check(t.microbatches >= 1, "train.microbatches", f"must be >= 1, got {t.microbatches}")
     _check(t.batch_size % t.microbatches == 0, "train.microbatches",
            f"({t.microbatches}) must divide train.batch_size ({t.batch_size})")
 
-    _check(o.name in OPTIMIZERS, "optim.name", f"must be one of {list(OPTIMIZERS)}, got {o.name!r}")
-    _check(o.schedule in SCHEDULES, "optim.schedule",
-           f"must be one of {list(SCHEDULES)}, got {o.schedule!r}")
     _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
     _check(o.trust_coefficient > 0, "optim.trust_coefficient",
            f"must be positive, got {o.trust_coefficient}")
@@ -343,19 +367,17 @@ def validate(run: RunConfig) -> None:
         size = getattr(run.mesh, f"dcn_{axis}")
         _check(size >= 1, f"mesh.dcn_{axis}", f"must be >= 1, got {size}")
     parts = run.mesh.rules.split("+")
-    _check(all(p in RULE_PARTS for p in parts) and len(set(parts)) == len(parts), "mesh.rules",
+    _check(all(x in RULE_PARTS for x in parts) and len(set(parts)) == len(parts), "mesh.rules",
            f"must be presets from {list(RULE_PARTS)} joined by '+' (e.g. 'zero3+tp+sp'), got "
            f"{run.mesh.rules!r}")
 
-    pp = run.pipeline
-    _check(pp.schedule in PIPELINE_SCHEDULES, "pipeline.schedule",
-           f"must be one of {list(PIPELINE_SCHEDULES)}, got {pp.schedule!r}")
     _check(pp.microbatches >= 1, "pipeline.microbatches", f"must be >= 1, got {pp.microbatches}")
     _check(pp.virtual_stages >= 1, "pipeline.virtual_stages",
            f"must be >= 1, got {pp.virtual_stages}")
-    _check(pp.schedule == "interleaved" or pp.virtual_stages == 1, "pipeline.virtual_stages",
-           f"must be 1 for schedule 'gpipe' (got {pp.virtual_stages}); use "
-           "pipeline.schedule=interleaved for virtual stages")
+    # Both keys name the schedule (lm.pipeline runs by virtual_stages): they must agree.
+    _check((pp.schedule == "interleaved") == (pp.virtual_stages > 1), "pipeline.virtual_stages",
+           f"({pp.virtual_stages}) must be 1 for schedule 'gpipe' and >= 2 for 'interleaved' "
+           f"(pipeline.schedule is {pp.schedule!r})")
     _check((t.batch_size // t.microbatches) % pp.microbatches == 0, "pipeline.microbatches",
            f"({pp.microbatches}) must divide the batch of each step (train.batch_size / "
            f"train.microbatches = {t.batch_size // t.microbatches})")
@@ -368,9 +390,6 @@ def validate(run: RunConfig) -> None:
     _check(run.checkpoint.keep_every >= 0, "checkpoint.keep_every",
            f"must be >= 0 (0: none), got {run.checkpoint.keep_every}")
 
-    p = run.precision
-    _check(p.loss_scale in LOSS_SCALE, "precision.loss_scale",
-           f"must be one of {list(LOSS_SCALE)}, got {p.loss_scale!r}")
     _check(p.initial_scale >= p.min_scale > 0, "precision.initial_scale",
            f"must be >= precision.min_scale > 0, got {p.initial_scale} and {p.min_scale}")
     _check(p.growth_factor > 1, "precision.growth_factor", f"must be > 1, got {p.growth_factor}")
@@ -379,9 +398,9 @@ def validate(run: RunConfig) -> None:
     _check(p.growth_interval >= 1, "precision.growth_interval",
            f"must be >= 1, got {p.growth_interval}")
     _check(p.hysteresis >= 1, "precision.hysteresis", f"must be >= 1, got {p.hysteresis}")
-    _check(m.param_dtype != "float16" or p.master_weights, "precision.param_dtype",
+    _check(p.param_dtype != "float16" or p.master_weights, "precision.param_dtype",
            "float16 parameters need precision.master_weights=True: Adam's second moment and "
            "small updates vanish in float16 (bfloat16 parameters work without)")
-    _check(not p.master_weights or m.param_dtype != "float32", "precision.master_weights",
+    _check(not p.master_weights or p.param_dtype != "float32", "precision.master_weights",
            "needs precision.param_dtype bfloat16 or float16 (float32 parameters are their own "
            "master weights)")

@@ -28,9 +28,17 @@ import os
 import shutil
 import sys
 
+import jax
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from lm.config import ConfigError
+from lm.checkpoint import Checkpointer
+from lm.config import ConfigError, defaults, from_config_dict, override
+from lm.data.tokenizer import DATA_FILE, BPETokenizer
+from lm.generate import Engine
+from lm.model import abstract_model
 
 ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 # Buffers some exports carry that are not parameters.
@@ -44,7 +52,6 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
     """Every tensor of `model.safetensors` or of the files a `model.safetensors.index.json`
     names, as float32 numpy arrays."""
-    from safetensors import safe_open
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -67,7 +74,6 @@ def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], hf_dir: str) -> None:
-    from safetensors.numpy import save_file
     os.makedirs(hf_dir, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -290,13 +296,6 @@ def _path_of(path) -> str:
 
 def from_hf(hf_dir: str, out_dir: str) -> dict:
     """Converts a Hugging Face directory into an lm workdir with one checkpoint (step 0)."""
-    import jax
-    from flax import nnx
-
-    from configs.base import get_config
-    from lm.checkpoint import Checkpointer
-    from lm.config import from_config_dict, override
-    from lm.model import Transformer
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(config_path):
         raise ConfigError(f"{hf_dir} has no config.json (is it a Hugging Face model directory?)")
@@ -305,14 +304,13 @@ def from_hf(hf_dir: str, out_dir: str) -> dict:
     fields = model_fields(hf)
     if os.path.isdir(os.path.join(out_dir, "checkpoints")):
         raise ConfigError(f"{out_dir} already holds checkpoints; choose a new OUT_DIR")
-    run = from_config_dict(override(get_config(), **{f"model.{k}": v for k, v in fields.items()},
+    run = from_config_dict(override(defaults(), **{f"model.{k}": v for k, v in fields.items()},
                                     **{"train.seq_len": min(1024, fields["max_len"])}))
     raw = read_safetensors(hf_dir)
     if run.model.style == "gpt2" and "wte.weight" in raw and "transformer.wte.weight" not in raw:
         raw = {f"transformer.{k}": x for k, x in raw.items()}  # the original GPT-2 uploads
     tensors = from_hf_tensors(run.model, raw)
-    with nnx.logical_axis_rules(()):
-        abstract = nnx.state(nnx.eval_shape(lambda: Transformer(run.model, rngs=nnx.Rngs(0))))
+    _, abstract = abstract_model(run.model, run.precision)
     params = jax.tree_util.tree_map_with_path(
         lambda p, a: np.asarray(tensors[_path_of(p)], a.dtype), abstract)
     os.makedirs(out_dir, exist_ok=True)
@@ -326,7 +324,6 @@ def from_hf(hf_dir: str, out_dir: str) -> dict:
 
 
 def _carry_tokenizer_in(hf_dir: str, out_dir: str) -> str | None:
-    from lm.data.tokenizer import DATA_FILE, BPETokenizer
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.exists(path):
         return None
@@ -343,9 +340,6 @@ def _carry_tokenizer_in(hf_dir: str, out_dir: str) -> str | None:
 
 def to_hf(checkpoint: str, hf_dir: str) -> dict:
     """Writes model.safetensors + config.json (+ tokenizer.json) of an lm checkpoint."""
-    import jax
-
-    from lm.generate import Engine
     engine = Engine.from_checkpoint(checkpoint)
     m = engine.cfg
     params = {_path_of(p): np.asarray(x) for p, x in
@@ -366,7 +360,6 @@ def byte_level_tokenizer(eod_id: int, pad_id: int):
     """lm's byte tokenizer (id = byte value, then eod and pad) as a `tokenizers` Tokenizer:
     byte-level BPE without merges, whose vocabulary puts each byte's printable stand-in (GPT-2's
     byte-to-unicode table) at the byte's value."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
     stand_in, extra = {}, 0
     for b in range(256):

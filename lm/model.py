@@ -29,10 +29,10 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from lm.config import ModelConfig
+from lm.config import ModelConfig, PrecisionConfig
 from lm.pipeline import Pipeline, run as run_pipeline
 from lm.quantize import Int8Array, quantize_weight
-from lm.sharding import constrain
+from lm.sharding import REPLICATED, constrain
 
 Initializer = jax.nn.initializers.Initializer
 # model.remat: what a layer keeps for the backward pass (everything else is recomputed).
@@ -115,8 +115,7 @@ materialize_grad.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.exp(g * 0),))
 class Norm(nnx.Module):
     """LayerNorm (gpt2) or RMSNorm (llama), computed in float32."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(cfg.param_dtype)
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.rms = cfg.style == "llama"
         self.eps = cfg.norm_eps
         self.scale = _param(rngs, jax.nn.initializers.ones, (cfg.d_model,), ("norm",), dtype)
@@ -262,9 +261,8 @@ _softmax_to.defvjp(_softmax_to_fwd, _softmax_to_bwd)
 class Attention(nnx.Module):
     """Causal multi-head attention with `num_kv_heads` shared key/value heads (GQA)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        dtype = jnp.dtype(cfg.param_dtype)
         init = jax.nn.initializers.normal(0.02)
         # GPT-2's residual projections start smaller so the residual stream's variance stays flat.
         out_init = jax.nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
@@ -309,9 +307,8 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     """GELU MLP (gpt2, with biases) or SwiGLU (llama)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.mlp_dim
-        dtype = jnp.dtype(cfg.param_dtype)
         init = jax.nn.initializers.normal(0.02)
         out_init = jax.nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
         self.gated = cfg.style == "llama"
@@ -353,11 +350,11 @@ def _swiglu_out(g_btf, h_btf, wo):
 class Block(nnx.Module):
     """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = Norm(cfg, rngs=rngs)
-        self.mlp = Mlp(cfg, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype, rngs=rngs)
+        self.mlp_norm = Norm(cfg, dtype, rngs=rngs)
+        self.mlp = Mlp(cfg, dtype, rngs=rngs)
 
     def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None):
         """`rope_bt`: the (cos, sin) tables of `rope_tables` (llama style), else None;
@@ -373,11 +370,13 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Token ids [B, T] -> next-token logits [B, T, V] (in compute_dtype)."""
+    """Token ids [B, T] -> next-token logits [B, T, V] (in compute_dtype). Parameters are
+    stored in `precision.param_dtype`, activations computed in `precision.compute_dtype`."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        dtype = jnp.dtype(cfg.param_dtype)
+    def __init__(self, cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfig(), *,
+                 rngs: nnx.Rngs):
+        self.cfg, self.precision = cfg, precision
+        dtype = jnp.dtype(precision.param_dtype)
         init = jax.nn.initializers.normal(0.02)
         self.embed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype)
         if cfg.style == "gpt2":
@@ -387,10 +386,10 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=rngs)
+            return Block(cfg, dtype, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = Norm(cfg, rngs=rngs)
+        self.final_norm = Norm(cfg, dtype, rngs=rngs)
         if not cfg.tied_embeddings:
             # Stored [vocab, embed] like the input table: XLA:CPU then runs the head's backward
             # as the same GEMMs as the tied case (measured faster than [embed, vocab]).
@@ -406,7 +405,7 @@ class Transformer(nnx.Module):
         """The final-normed residual stream; `pipeline`: run the layers through lm.pipeline's
         schedule over the `pipeline` mesh axis (training and evaluation)."""
         cfg = self.cfg
-        dt = jnp.dtype(cfg.compute_dtype)
+        dt = jnp.dtype(self.precision.compute_dtype)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         elif pipeline is not None:
@@ -452,7 +451,7 @@ class Transformer(nnx.Module):
         logits of the new tokens (only of token `logits_at[b]` of each row, [B, 1, V], when
         given: a prefill needs just the last prompt token's) and the updated cache."""
         cfg = self.cfg
-        dt = jnp.dtype(cfg.compute_dtype)
+        dt = jnp.dtype(self.precision.compute_dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         if cfg.style == "gpt2":
             x_btd += jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
@@ -480,17 +479,17 @@ class Transformer(nnx.Module):
         return constrain(logits_btv, ("batch", "length", "vocab"))
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, Array]:
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict[str, Array]:
     """An empty KV cache for `batch` rows of up to `length` positions: k and v of
-    [layers, batch, length, kv_heads, head_dim] in the compute dtype (or `dtype`). dtype "int8"
+    [layers, batch, length, kv_heads, head_dim] in `dtype` (the compute dtype, or "int8", which
     stores int8 values and a float32 scale per position and kv head (`Int8Array`). Under a mesh
     the rows are sharded like the batch (data, fsdp) and the kv heads over tensor."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    if dtype is not None and jnp.dtype(dtype) == jnp.int8:
+    if jnp.dtype(dtype) == jnp.int8:
         empty = lambda: Int8Array(jnp.zeros(shape, jnp.int8),
                                   jnp.ones(shape[:-1] + (1,), jnp.float32))
     else:
-        empty = lambda: jnp.zeros(shape, jnp.dtype(dtype or cfg.compute_dtype))
+        empty = lambda: jnp.zeros(shape, jnp.dtype(dtype))
     return constrain_cache({"k": empty(), "v": empty()})
 
 
@@ -499,6 +498,15 @@ def constrain_cache(cache):
     return jax.tree.map(lambda x: constrain(x, names), cache)
 
 
-def param_count(model: nnx.Module) -> int:
-    """Number of parameters (works on abstract models from `nnx.eval_shape`)."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def abstract_model(cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfig()):
+    """(graphdef, parameters as shapes and dtypes): the model without allocating it, for
+    shardings, checkpoint restores and plans. Under a mesh, nothing is constrained."""
+    with nnx.logical_axis_rules(REPLICATED):
+        return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, precision, rngs=nnx.Rngs(0))))
+
+
+def param_count(model_or_params) -> int:
+    """Number of parameters of a model or a parameter tree (abstract ones too)."""
+    if isinstance(model_or_params, nnx.Module):
+        model_or_params = nnx.state(model_or_params, nnx.Param)
+    return sum(x.size for x in jax.tree.leaves(model_or_params))

@@ -16,8 +16,8 @@ Optimizers are optax chains (`optim.name`), each after optional global-norm clip
 Weight decay never touches biases and norm scales (`decay_mask`, by parameter name); LARS
 leaves them out of the trust ratio too.
 
-Dynamic loss scaling (`LossScale`, Megatron's DynamicGradScaler semantics, see
-../shared/REFERENCE.md): the loss is multiplied by `scale` before differentiation and the
+Dynamic loss scaling (`LossScale`, Megatron's DynamicGradScaler semantics; docs/numerics.md):
+the loss is multiplied by `scale` before differentiation and the
 gradients divided by it after; a step whose gradients are not finite is skipped (the train step
 keeps parameters and optimizer state) and counts against `hysteresis`; once hysteresis is spent
 the scale is multiplied by `backoff_factor` (not below `min_scale`) at each overflow; after

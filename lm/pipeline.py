@@ -36,9 +36,6 @@ from jax.sharding import PartitionSpec as P
 
 from lm.config import ConfigError
 
-SCHEDULES = ("gpipe", "interleaved")
-
-
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     stages: int  # S, the size of the `pipeline` mesh axis
@@ -88,7 +85,7 @@ def run(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
         return _on_stages(a.reshape(v_, s_, per_chunk, *a.shape[1:]).swapaxes(0, 1))
 
     stage_params = jax.tree.map(by_stage, block_state)
-    micro_mbtd = x_btd.reshape(b // m_, m_, t, d).swapaxes(0, 1)
+    micro_mbtd = split_microbatches(x_btd, m_)
 
     def stage_fn(params, x_btd, chunk):
         # gpipe: a static index, which JAX hoists out of the loop (kept once, not per iteration)
@@ -114,6 +111,13 @@ def run(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
     state = _on_stages(jnp.zeros((s_, b // m_, t, d), x_btd.dtype))
     (_, out_mbtd), _ = jax.lax.scan(iteration, (state, micro_mbtd), jnp.arange(pipe.iterations))
     return out_mbtd.swapaxes(0, 1).reshape(b, t, d)
+
+
+def split_microbatches(x_b: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B / k, ...], row r going to microbatch r % k: when the rows are split
+    over the data devices, each device's rows stay on it."""
+    b = x_b.shape[0]
+    return x_b.reshape(b // k, k, *x_b.shape[1:]).swapaxes(0, 1)
 
 
 def _meshed() -> bool:

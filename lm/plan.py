@@ -1,7 +1,7 @@
 """`python -m lm.plan --config CFG [--config.a.b=V ...] [--devices N] [--json] [--compile]`
 
 Per-device memory, FLOPs and communication of one train step, for any mesh: the model is built
-abstractly (`nnx.eval_shape`), so a 175B model on 1,024 GPUs plans on a laptop.
+abstractly (`lm.model.abstract_model`), so a 175B model on 1,024 GPUs plans on a laptop.
 
 Accounting (bytes per device):
 - params: each parameter / the devices its `mesh.rules` shard it over (x pipeline stages for the
@@ -40,11 +40,10 @@ import os
 import sys
 
 import jax
-from flax import nnx
 
-from lm import sharding
+from lm import sharding, train
 from lm.config import ConfigError, RunConfig, from_config_dict, load_config_file, override
-from lm.model import Transformer
+from lm.model import abstract_model, param_count
 from lm.pipeline import Pipeline
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -53,16 +52,15 @@ GB = 1e9
 
 
 def plan(run: RunConfig, devices: int) -> dict:
-    m, t = run.model, run.train
+    m, t, prec = run.model, run.train, run.precision
     shape = sharding.resolve_mesh_shape(run.mesh, devices)
     lay = sharding.layout(run.mesh.rules)
-    with nnx.logical_axis_rules(sharding.REPLICATED):
-        abstract = nnx.state(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))
+    _, abstract = abstract_model(m, prec)
     names = jax.tree.leaves(sharding.logical_names(abstract),
                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     sizes = [x.size for x in jax.tree.leaves(abstract)]
-    n_params = sum(sizes)
-    pb = BYTES[m.param_dtype]
+    n_params = param_count(abstract)
+    pb, cb = BYTES[prec.param_dtype], BYTES[prec.compute_dtype]
     master = run.precision.master_weights
     moments = MOMENTS[run.optim.name] - (run.optim.name in ("sgd", "lars") and
                                          run.optim.momentum == 0)
@@ -83,7 +81,7 @@ def plan(run: RunConfig, devices: int) -> dict:
         if "layers" in tuple(spec_names):
             stage_b += size / p_ways  # parameters of this device's layers
             # one layer's weights, gathered, and its gradient
-            layer_b += (size / m.num_layers) * (BYTES[m.compute_dtype] + pb) / \
+            layer_b += (size / m.num_layers) * (cb + pb) / \
                 sharding.devices_along(spec_p, gathered)
 
     # Activations, for this device's layers: one microbatch (train.microbatches) without a
@@ -96,8 +94,8 @@ def plan(run: RunConfig, devices: int) -> dict:
     data_ways = shape["data"] * shape["fsdp"]
     b_step = t.batch_size / data_ways / micro  # sequences per device per train.microbatches slice
     b = b_step / pipe.microbatches if pipe else b_step  # per (pipeline) micro-batch
-    array_b = b * t.seq_len * m.d_model * BYTES[m.compute_dtype] / shape["sequence"]
-    kept, full, layer_input = layer_arrays(m, t.seq_len, shape, run.mesh.rules)
+    array_b = b * t.seq_len * m.d_model * cb / shape["sequence"]
+    kept, full, layer_input = layer_arrays(m, t.seq_len, shape, lay)
     recompute = full if m.remat != "none" else 0.0  # one layer, rebuilt in the backward
     if pipe is None:
         arrays = kept * m.num_layers + recompute
@@ -108,15 +106,15 @@ def plan(run: RunConfig, devices: int) -> dict:
         stage_kept = layer_input if m.remat == "full" else kept * chunk
         # + the micro-batch buffer
         arrays = pipe.iterations * stage_kept + pipe.microbatches + recompute * chunk
-    acts_b = arrays * array_b + logits_bytes(m, b, t.seq_len, shape, run.mesh.rules)
+    acts_b = arrays * array_b + logits_bytes(m, b, t.seq_len, shape, lay)
     # The layer in flight in the backward pass: its weights gathered (zero3/fsdp) and cast,
     # its full weight gradient before the reduce-scatter, and its activations' gradients.
     work_b = layer_b + full * array_b
     if pipe:  # the stage's layers regrouped into the schedule's layout, and their gradients
-        work_b += stage_b * (BYTES[m.compute_dtype] + pb)
+        work_b += stage_b * (cb + pb)
         if pipe.virtual_stages > 1 and m.remat == "none":
             # a pass's layers, selected per iteration, kept per iteration for the backward
-            acts_b += stage_b / pipe.virtual_stages * BYTES[m.compute_dtype] * pipe.iterations
+            acts_b += stage_b / pipe.virtual_stages * cb * pipe.iterations
     s, h, a = t.seq_len, m.d_model, m.num_heads
     tp, sp = shape["tensor"], shape["sequence"]
 
@@ -126,18 +124,17 @@ def plan(run: RunConfig, devices: int) -> dict:
 
     # Communication per step, bytes sent by one device.
     comm = {axis: 0.0 for axis in shape}
-    parts = set(run.mesh.rules.split("+"))
     p_local = params_b  # this device's share of the parameters
-    grad_factor = 3 if parts & {"zero3", "fsdp"} else 2
+    grad_factor = 3 if lay.gather_params else 2
     d, f = shape["data"], shape["fsdp"]
-    if "fsdp" in parts:  # sharded over fsdp, replicated over data
+    if lay.fsdp_only:  # sharded over fsdp, replicated over data
         comm["fsdp"] += grad_factor * p_local * f * (f - 1) / f
         comm["data"] += 2 * p_local * (d - 1) / d
     else:  # one group of d x f replicas: fsdp inner ring, data outer
-        full = p_local * (d * f if "zero3" in parts else 1)
+        full = p_local * (d * f if lay.zero3 else 1)
         comm["fsdp"] += grad_factor * full * (f - 1) / f
         comm["data"] += grad_factor * full / f * (d - 1) / d
-    act_bytes = b * s * h * BYTES[m.compute_dtype]  # one [b, s, d] array of one micro-batch
+    act_bytes = b * s * h * cb  # one [b, s, d] array of one micro-batch
     reduces = 6 if m.remat == "full" else 4
     comm["tensor"] = reduces * layers_run * act_bytes * 2 * (tp - 1) / tp * micro
     comm["sequence"] = (2 * layers_run * act_bytes * m.num_kv_heads / a * (sp - 1) *
@@ -167,7 +164,7 @@ def plan(run: RunConfig, devices: int) -> dict:
     }
 
 
-def layer_arrays(m, s: int, shape: dict, rules: str) -> tuple[float, float, float]:
+def layer_arrays(m, s: int, shape: dict, lay: sharding.Layout) -> tuple[float, float, float]:
     """Per layer, in [b, s, d_model] arrays of the compute dtype on one device: what the
     backward keeps with `model.remat` (kept), what one layer computes for it (full), and the
     layer input alone (input). Counted from `lm.model`'s residuals: the layer input, two norm
@@ -178,7 +175,7 @@ def layer_arrays(m, s: int, shape: dict, rules: str) -> tuple[float, float, floa
     tp = shape["tensor"]
     n, k, d = m.num_heads, m.num_kv_heads, m.d_model
     mlp_in = (2 if m.style == "llama" else 1) * m.mlp_dim / d
-    shared_div = tp if "sp" in rules.split("+") else 1
+    shared_div = tp if lay.sequence_parallel else 1
     full = 2 / shared_div + 2 + (1 + 2 * k / n + 1 + n * s / d + mlp_in) / tp
     if m.remat == "none":
         kept = full
@@ -191,9 +188,9 @@ def layer_arrays(m, s: int, shape: dict, rules: str) -> tuple[float, float, floa
     return kept, full, 1 / shared_div
 
 
-def logits_bytes(m, b: float, s: int, shape: dict, rules: str) -> float:
+def logits_bytes(m, b: float, s: int, shape: dict, lay: sharding.Layout) -> float:
     """The float32 logits of `b` sequences and their gradient."""
-    vocab_ways = shape["tensor"] if "tp" in rules.split("+") else 1
+    vocab_ways = shape["tensor"] if lay.tensor_parallel else 1
     return 2 * b * s * m.vocab_size * 4 / vocab_ways / shape["sequence"]
 
 
@@ -201,7 +198,6 @@ def compiled_memory(run: RunConfig, devices=None) -> dict:
     """XLA's memory analysis of the real train step on this machine's devices (fake CPU devices
     count; `devices`: a subset), for the same config: arguments (state + batch) and
     temporaries."""
-    from lm import train
     mesh = sharding.make_mesh(run.mesh, devices=devices)
     with jax.set_mesh(mesh):
         trainer = train.build(run, mesh)

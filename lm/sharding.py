@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lm.config import MESH_AXES, ConfigError, MeshConfig
@@ -45,11 +47,17 @@ REPLICATED: Rules = tuple((name, None) for name in _ALL_NAMES)
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """What `mesh.rules` decides: where parameters, optimizer state (and master weights) and
-    activations live, and whether gradients are reduce-scattered to the optimizer's shards."""
+    activations live, and whether gradients are reduce-scattered to the optimizer's shards.
+    The facts lm.plan's accounting needs are named here too, so the rules string is read once."""
     params: Rules
     opt: Rules
     acts: Rules
-    scatter_grads: bool
+    scatter_grads: bool  # zero2, zero3
+    gather_params: bool  # zero3, fsdp: parameters gathered in the forward and the backward
+    fsdp_only: bool  # fsdp: sharded over the fsdp axis only, replicated over data
+    zero3: bool  # parameters sharded over data x fsdp
+    tensor_parallel: bool  # tp
+    sequence_parallel: bool  # sp
 
 
 def layout(rules: str) -> Layout:
@@ -84,7 +92,10 @@ def layout(rules: str) -> Layout:
     if "sp" in parts:
         acts["length"] = ("sequence", "tensor")
     return Layout(params=tuple(params.items()), opt=tuple(opt.items()), acts=tuple(acts.items()),
-                  scatter_grads=bool(parts & {"zero2", "zero3"}))
+                  scatter_grads=bool(parts & {"zero2", "zero3"}),
+                  gather_params=bool(parts & {"zero3", "fsdp"}), fsdp_only="fsdp" in parts,
+                  zero3="zero3" in parts, tensor_parallel="tp" in parts,
+                  sequence_parallel="sp" in parts)
 
 
 def check_divisible(abstract_params, shardings, mesh: Mesh) -> None:
@@ -103,7 +114,6 @@ def check_divisible(abstract_params, shardings, mesh: Mesh) -> None:
 def logical_names(params):
     """The parameters' logical axis names as written in the model (a tree of PartitionSpecs of
     names), whatever rules are active."""
-    from flax import nnx
     with nnx.logical_axis_rules(()):
         return nnx.get_partition_spec(params)
 
@@ -160,7 +170,6 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     if math.prod(dcn.values()) > 1:
         # Hybrid: the DCN axes step across slices (one per process, i.e. per node or host), so
         # only data / fsdp / pipeline traffic crosses the slow links.
-        from jax.experimental import mesh_utils
         nodes = math.prod(dcn.values())
         ici = resolve_ici_shape(cfg, len(devices) // nodes)
         grid = mesh_utils.create_hybrid_device_mesh(

@@ -9,6 +9,8 @@ import os
 from typing import Any
 
 import jax
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 
 class Tracker:
@@ -20,8 +22,6 @@ class Tracker:
         self.shown: dict[str, str] = {}
         if not self.active:
             return
-        from tensorboardX import SummaryWriter
-        from tqdm.auto import tqdm
         os.makedirs(workdir, exist_ok=True)
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         self.tb = SummaryWriter(os.path.join(workdir, "tb"))

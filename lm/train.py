@@ -1,14 +1,16 @@
 """`python -m lm.train --config configs/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]`
 
 The training entry point, the same command on every host. It validates the config into frozen
-dataclasses, builds the mesh, creates parameters and optimizer state already sharded (a jitted
-constructor with out_shardings from the logical axis names), then runs one jitted train step per
-batch: forward, cross-entropy, backward, AdamW. Metrics go to DIR/metrics.jsonl, DIR/tb and the
-progress bar; the final state to DIR/checkpoints (orbax); a generated sample ends the run.
+dataclasses, builds the mesh, creates the `TrainState` (parameters, optimizer state, optional
+master weights, loss scale, step) already sharded (a jitted constructor with out_shardings from
+the logical axis names), then runs the jitted `train_step` once per batch: forward,
+cross-entropy, backward, optimizer update. Metrics go to DIR/metrics.jsonl, DIR/tb and the
+progress bar; the state to DIR/checkpoints (orbax); a generated sample ends the run.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -21,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import distributed, generate, sharding
@@ -31,10 +36,47 @@ from lm.data.corpus import prepare_stdlib
 from lm.data.dataset import Dataset
 from lm.data.loader import Loader, LoaderState
 from lm.data.tokenizer import DATA_FILE
-from lm.model import Transformer
-from lm.pipeline import Pipeline
+from lm.model import Transformer, abstract_model, param_count
+from lm.pipeline import Pipeline, split_microbatches
 from lm.optim import LossScale, all_finite, make_optimizer, schedule
 from lm.tracking import Tracker
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What a train step changes and a checkpoint holds; a pytree, so jit, shardings and orbax
+    see its fields by name.
+
+    step        int32 scalar: steps taken (skipped ones included)
+    params      the model's parameters (an nnx.State) in precision.param_dtype
+    opt_state   the optimizer's state, over `master` when it is kept
+    loss_scale  `LossScale`'s dict of scalars
+    master      with precision.master_weights, the float32 parameters the optimizer updates
+                (`params` are their rounded copy); else None
+    """
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    loss_scale: dict[str, jax.Array]
+    master: Any = None
+
+    def replace(self, **changes) -> "TrainState":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """The fixed pieces that the train and eval steps are built from (bound once by `build`)."""
+    graphdef: Any
+    tx: optax.GradientTransformation
+    scaler: LossScale
+    layout: sharding.Layout
+    pipeline: Pipeline | None
+    microbatches: int
+    micro_sharding: NamedSharding  # of a [microbatches, B / microbatches, T] batch
+    grad_sharding: Any  # zero2/zero3: the optimizer state's shards, else None (kept as is)
+    skip_nonfinite_updates: bool  # a step with non-finite gradients changes only the loss scale
 
 
 @dataclasses.dataclass
@@ -44,13 +86,13 @@ class Trainer:
     mesh: jax.sharding.Mesh
     graphdef: Any
     tx: optax.GradientTransformation
-    state_sharding: dict[str, Any]
-    init: Any        # () -> state
-    init_from_params: Any  # params -> state (fresh optimizer state around given parameters)
+    state_sharding: TrainState
+    init: Any        # () -> TrainState
+    init_from_params: Any  # params -> TrainState (fresh optimizer state around given parameters)
     train_step: Any  # (state, batch) -> (state, metrics)
     eval_step: Any   # (params, batch) -> loss
 
-    def abstract_state(self) -> dict[str, Any]:
+    def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (for restoring onto this mesh)."""
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(self.init), self.state_sharding)
@@ -69,136 +111,142 @@ def loss_fn(graphdef, params, batch_bt: jax.Array, pipeline: Pipeline | None = N
         return xent(model(batch_bt[:, :-1]), batch_bt[:, 1:]).mean()
     x_btd = model.hidden(batch_bt[:, :-1], pipeline=pipeline)
     m = pipeline.microbatches
-    b, t, d = x_btd.shape
-    x_mbtd = x_btd.reshape(b // m, m, t, d).swapaxes(0, 1)  # row r -> micro-batch r % M
-    y_mbt = batch_bt[:, 1:].reshape(b // m, m, t).swapaxes(0, 1)
     chunk_loss = jax.checkpoint(lambda x_btd, y_bt: xent(model.logits(x_btd), y_bt).sum())
     total, _ = jax.lax.scan(lambda acc, xy: (acc + chunk_loss(*xy), None),
-                            jnp.zeros((), jnp.float32), (x_mbtd, y_mbt))
-    return total / (b * t)
+                            jnp.zeros((), jnp.float32),
+                            (split_microbatches(x_btd, m), split_microbatches(batch_bt[:, 1:], m)))
+    return total / (batch_bt.shape[0] * (batch_bt.shape[1] - 1))
+
+
+def _to_f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def new_state(params, tx: optax.GradientTransformation, scaler: LossScale,
+              master_weights: bool) -> TrainState:
+    """Step 0 around `params`: fresh optimizer and loss-scale state (and float32 masters)."""
+    master = _to_f32(params) if master_weights else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params if master is None else master),
+                      loss_scale=scaler.init(), master=master)
+
+
+def mean_loss_and_grads(parts: StepParts, params, batch_bt, scale) -> tuple[jax.Array, Any]:
+    """The mean loss and its float32 gradients (unscaled). Gradients stay in the parameter
+    dtype until reduced (ZeRO's accounting: 2 bytes per parameter in fp16); microbatches are a
+    scan that sums them into float32, sharded like the optimizer state under zero2/zero3."""
+    scaled = jax.value_and_grad(
+        lambda p, b: loss_fn(parts.graphdef, p, b, parts.pipeline) * scale)
+    reduce = (lambda g: g) if parts.grad_sharding is None else (
+        lambda g: jax.lax.with_sharding_constraint(g, parts.grad_sharding))  # reduce-scatter
+    k = parts.microbatches
+    if k == 1:
+        loss, grads = scaled(params, batch_bt)
+        grads = _to_f32(reduce(grads))
+    else:
+        def accumulate(carry, micro_bt):
+            loss, grads = scaled(params, micro_bt)
+            return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry,
+                                (loss, reduce(grads))), None
+
+        zeros = (jnp.zeros((), jnp.float32), reduce(jax.tree.map(
+            lambda p: jnp.zeros(p.shape, jnp.float32), params)))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, _microbatches(parts, batch_bt))
+        loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+    return loss / scale, jax.tree.map(lambda g: g / scale, grads)
+
+
+def _microbatches(parts: StepParts, batch_bt):
+    """[K, B / K, T + 1], each microbatch's rows split over the data devices as the batch is."""
+    return jax.lax.with_sharding_constraint(split_microbatches(batch_bt, parts.microbatches),
+                                            parts.micro_sharding)
+
+
+def apply_update(tx: optax.GradientTransformation, state: TrainState, grads):
+    """(params, opt_state, master) after one optimizer update with float32 `grads`."""
+    if state.master is not None:
+        updates, opt_state = tx.update(grads, state.opt_state, state.master)
+        master = optax.apply_updates(state.master, updates)
+        return jax.tree.map(lambda m, p: m.astype(p.dtype), master, state.params), opt_state, master
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state, None
+
+
+def train_step(parts: StepParts, state: TrainState, batch_bt) -> tuple[TrainState, dict]:
+    """One optimizer step on a [B, T + 1] batch; returns the new state and its metrics."""
+    with nnx.logical_axis_rules(parts.layout.acts):  # the model's activation constraints
+        loss, grads = mean_loss_and_grads(parts, state.params, batch_bt,
+                                          state.loss_scale["scale"])
+        updated = apply_update(parts.tx, state, grads)
+    loss_scale = state.loss_scale
+    if parts.skip_nonfinite_updates:
+        finite = all_finite(grads)
+        old = (state.params, state.opt_state, state.master)
+        updated = jax.tree.map(lambda n, o: jnp.where(finite, n, o), updated, old)
+        loss_scale = parts.scaler.update(state.loss_scale, finite)
+    params, opt_state, master = updated
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "loss_scale": state.loss_scale["scale"], "skipped_steps": loss_scale["skipped"]}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      loss_scale=loss_scale, master=master), metrics
+
+
+def eval_step(parts: StepParts, params, batch_bt) -> jax.Array:
+    """The mean loss, in the same microbatches as training (the same peak memory)."""
+    with nnx.logical_axis_rules(parts.layout.acts):
+        loss = lambda b: loss_fn(parts.graphdef, params, b, parts.pipeline)
+        if parts.microbatches == 1:
+            return loss(batch_bt)
+        return jax.lax.map(loss, _microbatches(parts, batch_bt)).mean()
 
 
 def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
-    """Traces nothing yet: works out shapes and shardings abstractly and wraps the jits.
-
-    The state is {"step", "params", "opt_state", "loss_scale"}. With precision.master_weights
-    the parameters are bfloat16/float16 and opt_state is {"master": float32 parameters, "tx":
-    the optimizer's state over them}; the optimizer updates the masters and the parameters are
-    their rounded copy.
-    """
+    """Traces nothing yet: works out shapes and shardings abstractly and wraps the jits."""
     tx = make_optimizer(run.optim, run.train.steps)
-    master = run.precision.master_weights
-    scaler = LossScale(run.precision, run.precision.dynamic(run.model))
-    check_finite = scaler.dynamic or run.train.skip_nonfinite
-    k = run.train.microbatches
-    pipe = _pipeline(run, mesh)
-    make_model = lambda: Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed))
+    scaler = LossScale(run.precision, run.precision.dynamic)
     lay = sharding.layout(run.mesh.rules)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.REPLICATED):
-        graphdef, abs_params = nnx.split(nnx.eval_shape(make_model))  # shapes only
-    param_sharding = sharding.param_shardings(abs_params, mesh, lay.params)
-    opt_param_sharding = sharding.param_shardings(abs_params, mesh, lay.opt)
+    with jax.set_mesh(mesh):
+        graphdef, abs_params = abstract_model(run.model, run.precision)
+    state_sharding = _state_shardings(run, mesh, lay, tx, scaler, abs_params)
     replicated = NamedSharding(mesh, P())
-    to_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-    abs_opt_params = jax.eval_shape(to_f32, abs_params) if master else abs_params
-    opt_sharding = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, abs_opt_params), opt_param_sharding,
-        transform_non_params=lambda _: replicated)
-    if master:
-        opt_sharding = {"master": opt_param_sharding, "tx": opt_sharding}
-    state_sharding = {"step": replicated, "params": param_sharding, "opt_state": opt_sharding,
-                      "loss_scale": jax.tree.map(lambda _: replicated, scaler.init())}
     batch_axes = sharding.batch_sharding(mesh).spec[0]
-
-    def init():
-        return init_from_params(nnx.state(make_model()))
-
-    def init_from_params(params):
-        opt_state = ({"master": to_f32(params), "tx": tx.init(to_f32(params))} if master
-                     else tx.init(params))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
-                "loss_scale": scaler.init()}
-
-    def reduce(grads):
-        """ZeRO-2/3: each replica keeps only its shard of the gradients (a reduce-scatter)."""
-        return (jax.lax.with_sharding_constraint(grads, opt_param_sharding)
-                if lay.scatter_grads else grads)
-
-    def grads_and_loss(params, batch_bt, scale):
-        """Float32 gradients of the mean loss (unscaled), and the loss. Gradients stay in the
-        parameter dtype until reduced (ZeRO's accounting: 2 bytes per parameter in fp16); K
-        microbatches are a scan that sums them into float32, sharded like the optimizer state
-        under zero2/zero3."""
-        scaled = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b, pipe) * scale)
-        if k == 1:
-            loss, grads = scaled(params, batch_bt)
-            grads = to_f32(reduce(grads))
-        else:
-            # Row r goes to microbatch r % K: each device's rows stay on it.
-            b, t1 = batch_bt.shape
-            micro_kbt = batch_bt.reshape(b // k, k, t1).swapaxes(0, 1)
-            micro_kbt = jax.lax.with_sharding_constraint(
-                micro_kbt, NamedSharding(mesh, P(None, batch_axes)))
-
-            def accumulate(carry, micro_bt):
-                loss, grads = scaled(params, micro_bt)
-                return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry,
-                                    (loss, reduce(grads))), None
-
-            zeros = (jnp.zeros((), jnp.float32), reduce(jax.tree.map(
-                lambda p: jnp.zeros(p.shape, jnp.float32), params)))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro_kbt)
-            loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
-        return loss / scale, jax.tree.map(lambda g: g / scale, grads)
-
-    def train_step(state, batch_bt):
-        with nnx.logical_axis_rules(lay.acts):  # the model's activation constraints
-            return _train_step(state, batch_bt)
-
-    def _train_step(state, batch_bt):
-        params, opt_state, ls = state["params"], state["opt_state"], state["loss_scale"]
-        loss, grads = grads_and_loss(params, batch_bt, ls["scale"])
-        if master:
-            updates, tx_state = tx.update(grads, opt_state["tx"], opt_state["master"])
-            masters = optax.apply_updates(opt_state["master"], updates)
-            new_params = jax.tree.map(lambda m, p: m.astype(p.dtype), masters, params)
-            new_opt_state = {"master": masters, "tx": tx_state}
-        else:
-            grads_p = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-            updates, new_opt_state = tx.update(grads_p, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-        finite = all_finite(grads)
-        if check_finite:  # a bad step changes nothing but the loss-scale state
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-            new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
-        new_ls = scaler.update(ls, finite) if check_finite else ls
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "loss_scale": ls["scale"],
-                   "skipped_steps": new_ls["skipped"]}
-        return {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state,
-                "loss_scale": new_ls}, metrics
-
-    def eval_step(params, batch_bt):
-        with nnx.logical_axis_rules(lay.acts):
-            return _eval_step(params, batch_bt)
-
-    def _eval_step(params, batch_bt):
-        """The mean loss, in the same microbatches as training (the same peak memory)."""
-        if k == 1:
-            return loss_fn(graphdef, params, batch_bt, pipe)
-        b, t1 = batch_bt.shape
-        micro_kbt = jax.lax.with_sharding_constraint(
-            batch_bt.reshape(b // k, k, t1).swapaxes(0, 1),
-            NamedSharding(mesh, P(None, batch_axes)))
-        return jax.lax.map(lambda mb: loss_fn(graphdef, params, mb, pipe), micro_kbt).mean()
-
+    parts = StepParts(
+        graphdef=graphdef, tx=tx, scaler=scaler, layout=lay, pipeline=_pipeline(run, mesh),
+        microbatches=run.train.microbatches,
+        micro_sharding=NamedSharding(mesh, P(None, batch_axes)),
+        grad_sharding=(sharding.param_shardings(abs_params, mesh, lay.opt)
+                       if lay.scatter_grads else None),
+        skip_nonfinite_updates=scaler.dynamic or run.train.skip_nonfinite)
+    fresh = functools.partial(new_state, tx=tx, scaler=scaler,
+                              master_weights=run.precision.master_weights)
+    make_params = lambda: nnx.state(Transformer(run.model, run.precision,
+                                                rngs=nnx.Rngs(params=run.train.seed)))
     return Trainer(
         run=run, mesh=mesh, graphdef=graphdef, tx=tx, state_sharding=state_sharding,
-        init=jax.jit(init, out_shardings=state_sharding),
-        init_from_params=jax.jit(init_from_params, out_shardings=state_sharding),
-        train_step=jax.jit(train_step, donate_argnums=(0,),
+        init=jax.jit(lambda: fresh(make_params()), out_shardings=state_sharding),
+        init_from_params=jax.jit(fresh, out_shardings=state_sharding),
+        train_step=jax.jit(functools.partial(train_step, parts), donate_argnums=(0,),
                            out_shardings=(state_sharding, replicated)),
-        eval_step=jax.jit(eval_step),
+        eval_step=jax.jit(functools.partial(eval_step, parts)),
     )
+
+
+def _state_shardings(run: RunConfig, mesh, lay: sharding.Layout, tx, scaler, abs_params
+                     ) -> TrainState:
+    """Where each part of the state lives under `mesh.rules`: parameters by lay.params, the
+    optimizer state (and master weights) by lay.opt, scalars replicated."""
+    replicated = NamedSharding(mesh, P())
+    opt_param_sharding = sharding.param_shardings(abs_params, mesh, lay.opt)
+    abstract = jax.eval_shape(lambda p: new_state(p, tx, scaler, run.precision.master_weights),
+                              abs_params)
+    return TrainState(
+        step=replicated, params=sharding.param_shardings(abs_params, mesh, lay.params),
+        opt_state=optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state,
+                                        opt_param_sharding,
+                                        transform_non_params=lambda _: replicated),
+        loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale),
+        master=opt_param_sharding if run.precision.master_weights else None)
 
 
 def _pipeline(run: RunConfig, mesh: jax.sharding.Mesh) -> Pipeline | None:
@@ -222,29 +270,184 @@ class TrainingStopped(Exception):
     """The run cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
 
-def train(run: RunConfig, workdir: str) -> dict[str, Any]:
+def train(run: RunConfig, workdir: str) -> TrainState:
     """Runs `run` to completion in `workdir`, resuming from its latest complete checkpoint;
     returns the final state (sharded arrays). SIGTERM / SIGINT save a checkpoint at the next
     step boundary and return early."""
     workdir = os.path.abspath(workdir)
     _check_writable(workdir)
     mesh = sharding.make_mesh(run.mesh)
-    t, m = run.train, run.model
+    _check_batch_splits(run, mesh)
+    ckpt = Checkpointer(workdir, keep=run.checkpoint.keep, keep_every=run.checkpoint.keep_every,
+                        async_save=run.checkpoint.async_save)
+    if ckpt.all_steps():
+        _check_same_model(run, ckpt)
+    dataset = open_dataset(run, workdir)
+    train_data, eval_data = _loaders(run, dataset, mesh)
+    _record_data(workdir, dataset)
+    tracker = Tracker(workdir, run.train.steps, progress=run.train.progress)
+    tracker.log_hparams(run.to_dict(), workdir)
+    with jax.set_mesh(mesh), _StopRequest() as stop:  # build() sets mesh.rules inside its jits
+        trainer = build(run, mesh)
+        start, state = _initial_state(run, trainer, ckpt, train_data, tracker)
+        tracker.write(f"{param_count(state.params):,} parameters, mesh {dict(mesh.shape)}, "
+                      f"{dataset.num_tokens('train'):,} train tokens "
+                      f"({train_data.num_sequences:,} sequences) from {dataset.path}" +
+                      (f"; resumed from step {start}" if start else ""))
+        saver = _Saver(run, ckpt, train_data)
+        evaluate = _evaluator(run, trainer, eval_data, tracker)
+        state = _loop(run, trainer, state, start, train_data, tracker, saver, evaluate, stop)
+        train_data.close()
+        ckpt.close()
+    tracker.finish()
+    if not stop.name and run.train.sample_tokens:
+        _print_sample(run, trainer, state, dataset.tokenizer, mesh)
+    return state
+
+
+def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train_data: Loader,
+          tracker: Tracker, saver: "_Saver", evaluate, stop: "_StopRequest") -> TrainState:
+    """Steps start + 1 .. train.steps: log, evaluate, checkpoint, and stop on request. A step's
+    loss is checked once the next step is queued, so the check does not stall the device."""
+    t = run.train
+    lr = schedule(run.optim, t.steps)
+    tracker.advance(start)
+    timer = _Throughput(t.batch_size * t.seq_len)
+    previous = None  # (step, loss) of the step before
+    step = start
+    for step in range(start + 1, t.steps + 1):
+        state, metrics = trainer.train_step(state, next(train_data))
+        if previous is not None:
+            saver.require_finite(*previous)
+        previous = (step, metrics["loss"])
+        timer.tick(metrics)
+        if step % t.log_every == 0 or step == t.steps:
+            tracker.log(step, _record(jax.device_get(metrics), lr, step, timer.rate()))
+        if step % t.eval_every == 0 or step == t.steps:
+            saver.require_finite(step, metrics["loss"])
+            evaluate(step, state.params)
+            timer.restart()  # don't bill evaluation to training
+        if run.checkpoint.every and step % run.checkpoint.every == 0:
+            saver.save(step, state, metrics["loss"])
+        tracker.advance(step)
+        if stop.agreed(step):
+            saver.save(step, state, metrics["loss"])
+            tracker.write(f"received {stop.name}: saved step {step} in "
+                          f"{saver.ckpt.directory}; run the same command to resume")
+            return state
+    if previous is not None:
+        saver.save(step, state, previous[1])
+    return state
+
+
+def _record(metrics: dict, lr, step: int, tokens_per_s: float) -> dict[str, float]:
+    """A metrics.jsonl / TensorBoard record of the step's metrics (on the host)."""
+    # The schedule follows the optimizer's count, which skipped steps do not advance.
+    applied = step - 1 - int(metrics["skipped_steps"])
+    return {"loss": float(metrics["loss"]), "lr": float(lr(applied)),
+            "grad_norm": float(metrics["grad_norm"]),
+            "loss_scale": float(metrics["loss_scale"]),
+            "skipped_steps": int(metrics["skipped_steps"]), "tokens_per_s": tokens_per_s}
+
+
+class _Throughput:
+    """Tokens per second over the steps since the last log, not counting the first step (it
+    compiles) or evaluation."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step, self.start, self.steps = tokens_per_step, None, 0
+
+    def tick(self, metrics) -> None:
+        self.steps += 1
+        if self.start is None:
+            jax.block_until_ready(metrics)
+            self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def rate(self) -> float:
+        """The window's tokens per second (blocks on the queued steps); starts a new window."""
+        steps, elapsed = self.steps, time.perf_counter() - self.start
+        self.restart()
+        return steps * self.tokens_per_step / elapsed if steps else 0.0
+
+
+class _Saver:
+    """Saves each step at most once, and never past a non-finite loss: with
+    train.skip_nonfinite off and no dynamic loss scaling, such a loss stops the run."""
+
+    def __init__(self, run: RunConfig, ckpt: Checkpointer, train_data: Loader):
+        self.run, self.ckpt, self.train_data = run, ckpt, train_data
+        self.stop_on_nonfinite = not (run.train.skip_nonfinite or run.precision.dynamic)
+        self.saved = set(ckpt.all_steps())
+
+    def require_finite(self, step: int, loss) -> None:
+        if self.stop_on_nonfinite and not np.isfinite(float(loss)):
+            self.ckpt.wait()
+            last = max(self.saved, default=None)
+            raise TrainingStopped(
+                f"the loss is {float(loss)} at step {step}: stopping (the state after it is "
+                f"not saved; the last good checkpoint is "
+                f"{f'step {last}' if last else 'none'}). Lower optim.lr, raise "
+                "optim.warmup_steps or optim.clip_norm, or set train.skip_nonfinite=True to "
+                "skip such steps")
+
+    def save(self, step: int, state: TrainState, loss) -> None:
+        self.require_finite(step, loss)
+        if step not in self.saved:
+            self.ckpt.save(step, state, self.train_data.state_dict(), self.run.to_dict())
+            self.saved.add(step)
+
+
+def _evaluator(run: RunConfig, trainer: Trainer, eval_data: Loader, tracker: Tracker):
+    """evaluate(step, params): the mean loss over the first batches of the validation split."""
+    t = run.train
+    batches = min(t.eval_batches, eval_data.num_sequences // t.batch_size)
+    if batches < t.eval_batches:  # rather than averaging the same batches twice
+        tracker.write(f"note: the validation split holds {batches} batches of "
+                      f"{t.batch_size} x {t.seq_len}; evaluating on those, not "
+                      f"train.eval_batches={t.eval_batches}")
+
+    def evaluate(step: int, params) -> None:
+        losses = [trainer.eval_step(params, eval_data.batch_at(LoaderState(0, i * t.batch_size)))
+                  for i in range(batches)]
+        eval_loss = float(np.mean(jax.device_get(losses)))
+        tracker.log(step, {"eval_loss": eval_loss})
+        tracker.write(f"step {step}: eval_loss {eval_loss:.4f}")
+    return evaluate
+
+
+def _print_sample(run: RunConfig, trainer: Trainer, state: TrainState, tokenizer, mesh) -> None:
+    """A continuation of "def " by the final model, through the serving engine."""
+    prompt = [int(x) for x in tokenizer.encode("def ")]
+    # Positions past train.seq_len were never trained (learned position embeddings).
+    n = min(run.train.sample_tokens, run.train.seq_len - len(prompt))
+    engine = generate.Engine(trainer.graphdef, state.params, tokenizer, mesh=mesh)
+    ids = engine.generate([prompt], generate.SamplingParams(
+        max_new_tokens=n, temperature=0.7, seed=run.train.seed))[0]
+    if jax.process_index() == 0:
+        print("----- sample -----\n" + tokenizer.decode(np.asarray(prompt + ids, np.int32)) +
+              "\n------------------", flush=True)
+
+
+def _check_batch_splits(run: RunConfig, mesh) -> None:
+    t = run.train
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % (data_ways * t.microbatches):
         raise ConfigError(f"'train.batch_size' ({t.batch_size}) must be divisible by "
                           f"train.microbatches x mesh.data x mesh.fsdp "
                           f"({t.microbatches} x {data_ways}): each microbatch is split over "
                           "the data devices")
-    ckpt = Checkpointer(workdir, keep=run.checkpoint.keep, keep_every=run.checkpoint.keep_every,
-                        async_save=run.checkpoint.async_save)
-    if ckpt.all_steps():
-        _check_same_model(run, ckpt)
-    dataset = open_dataset(run, workdir)
-    tokenizer = dataset.tokenizer
-    if m.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"'model.vocab_size' ({m.vocab_size}) is smaller than the vocabulary "
-                          f"of the tokenizer of {dataset.path} ({tokenizer.vocab_size})")
+
+
+def _loaders(run: RunConfig, dataset: Dataset, mesh) -> tuple[Loader, Loader]:
+    """The train loader (shuffled, prefetching, resumable) and the validation loader."""
+    t = run.train
+    if run.model.vocab_size < dataset.tokenizer.vocab_size:
+        raise ConfigError(f"'model.vocab_size' ({run.model.vocab_size}) is smaller than the "
+                          f"vocabulary of the tokenizer of {dataset.path} "
+                          f"({dataset.tokenizer.vocab_size})")
     batch_sharding = sharding.batch_sharding(mesh)
     try:
         train_data = Loader(dataset.split("train"), t.batch_size, t.seq_len, t.seed,
@@ -254,112 +457,15 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
                            shuffle=False)
     except ValueError as e:
         raise ConfigError(f"data {dataset.path}: {e}") from None
-    if jax.process_index() == 0:  # generation and serving find the tokenizer in the workdir
+    return train_data, eval_data
+
+
+def _record_data(workdir: str, dataset: Dataset) -> None:
+    """WORKDIR/data.json: where generation and serving find the tokenizer."""
+    if jax.process_index() == 0:
         with open(os.path.join(workdir, DATA_FILE), "w") as f:
             json.dump({"path": dataset.path, "fingerprint": dataset.fingerprint,
-                       "tokenizer": tokenizer.save(workdir)}, f, indent=1)
-
-    tracker = Tracker(workdir, t.steps, progress=t.progress)
-    tracker.log_hparams(run.to_dict(), workdir)
-    eval_batches = min(t.eval_batches, eval_data.num_sequences // t.batch_size)
-    if eval_batches < t.eval_batches:  # rather than averaging the same batches twice
-        tracker.write(f"note: the validation split holds {eval_batches} batches of "
-                      f"{t.batch_size} x {t.seq_len}; evaluating on those, not "
-                      f"train.eval_batches={t.eval_batches}")
-    lr = schedule(run.optim, t.steps)
-    stop = _StopRequest()
-    with jax.set_mesh(mesh), stop:  # build() sets the rules of mesh.rules inside its jits
-        trainer = build(run, mesh)
-        start, state = _initial_state(run, trainer, ckpt, train_data, tracker)
-        tracker.write(f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
-                      f"mesh {dict(mesh.shape)}, {dataset.num_tokens('train'):,} train tokens "
-                      f"({train_data.num_sequences:,} sequences) from {dataset.path}" +
-                      (f"; resumed from step {start}" if start else ""))
-        tracker.advance(start)
-        check_finite = not (run.train.skip_nonfinite or run.precision.dynamic(run.model))
-        saved = set(ckpt.all_steps())
-
-        def save(step):
-            if step not in saved:
-                ckpt.save(step, state, train_data.state_dict(), run.to_dict())
-                saved.add(step)
-
-        def require_finite(step, loss):
-            if check_finite and not np.isfinite(float(loss)):
-                ckpt.wait()
-                last = max(saved, default=None)
-                raise TrainingStopped(
-                    f"the loss is {float(loss)} at step {step}: stopping (the state after it is "
-                    f"not saved; the last good checkpoint is "
-                    f"{f'step {last}' if last else 'none'}). Lower optim.lr, raise "
-                    "optim.warmup_steps or optim.clip_norm, or set train.skip_nonfinite=True to "
-                    "skip such steps")
-
-        window_start, window_steps = None, 0
-        previous = None  # (step, loss) of the step before, checked once the next is queued
-        step = start
-        for step in range(start + 1, t.steps + 1):
-            state, metrics = trainer.train_step(state, next(train_data))
-            if previous is not None:
-                require_finite(*previous)
-            previous = (step, metrics["loss"])
-            window_steps += 1
-            if window_start is None:  # the first step compiles; time from its end
-                jax.block_until_ready(metrics)
-                window_start, window_steps = time.perf_counter(), 0
-            if step % t.log_every == 0 or step == t.steps:
-                metrics = jax.device_get(metrics)
-                elapsed = time.perf_counter() - window_start
-                # The schedule follows the optimizer's count, which skipped steps do not advance.
-                applied = step - 1 - int(metrics["skipped_steps"])
-                record = {"loss": float(metrics["loss"]), "lr": float(lr(applied)),
-                          "grad_norm": float(metrics["grad_norm"]),
-                          "loss_scale": float(metrics["loss_scale"]),
-                          "skipped_steps": int(metrics["skipped_steps"]),
-                          "tokens_per_s": window_steps * t.batch_size * t.seq_len / elapsed
-                          if window_steps else 0.0}
-                tracker.log(step, record)
-                window_start, window_steps = time.perf_counter(), 0
-            if step % t.eval_every == 0 or step == t.steps:
-                require_finite(step, metrics["loss"])
-                losses = [trainer.eval_step(state["params"],
-                                            eval_data.batch_at(LoaderState(0, i * t.batch_size)))
-                          for i in range(eval_batches)]
-                eval_loss = float(np.mean(jax.device_get(losses)))
-                tracker.log(step, {"eval_loss": eval_loss})
-                tracker.write(f"step {step}: eval_loss {eval_loss:.4f}")
-                window_start, window_steps = time.perf_counter(), 0  # don't bill eval to training
-            if run.checkpoint.every and step % run.checkpoint.every == 0:
-                require_finite(step, metrics["loss"])
-                save(step)
-            tracker.advance(step)
-            if stop.agreed(step):
-                require_finite(step, metrics["loss"])
-                save(step)
-                tracker.write(f"received {stop.name}: saved step {step} in {ckpt.directory}; "
-                              "run the same command to resume")
-                break
-        else:
-            if previous is not None:
-                require_finite(*previous)
-            save(step)
-        train_data.close()
-        ckpt.close()
-    tracker.finish()
-    if stop.name:
-        return state
-
-    if t.sample_tokens:
-        prompt = tokenizer.encode("def ")[None].astype(np.int32)
-        # Positions past train.seq_len were never trained (learned position embeddings).
-        n = min(t.sample_tokens, t.seq_len - prompt.shape[1])
-        with jax.set_mesh(mesh):
-            out = generate.sample(trainer.graphdef, state["params"], prompt=jnp.asarray(prompt),
-                                  num_tokens=n, seed=t.seed)
-        if jax.process_index() == 0:
-            print("----- sample -----\n" + tokenizer.decode(jax.device_get(out)[0]) +
-                  "\n------------------", flush=True)
-    return state
+                       "tokenizer": dataset.tokenizer.save(workdir)}, f, indent=1)
 
 
 def _check_writable(workdir: str) -> None:
@@ -380,18 +486,19 @@ def _check_same_model(run: RunConfig, ckpt: Checkpointer) -> None:
     if saved is None:
         return
     now = run.to_dict()
-    diff = {k: (saved["model"].get(k), v) for k, v in now["model"].items()
-            if saved["model"].get(k) != v}
+    keys = [("model", k) for k in now["model"]] + [("precision", "param_dtype")]
+    diff = {f"{s}.{k}": (saved.get(s, {}).get(k), now[s][k]) for s, k in keys
+            if saved.get(s, {}).get(k) != now[s][k]}
     if diff:
         raise ConfigError(f"--workdir {os.path.dirname(ckpt.directory)} holds checkpoints of "
-                          "another model (" + ", ".join(f"model.{k}: saved {a!r}, now {b!r}"
+                          "another model (" + ", ".join(f"{k}: saved {a!r}, now {b!r}"
                                                         for k, (a, b) in diff.items()) +
                           "); use a new --workdir, or train.init_from to start from its "
                           "parameters")
 
 
 def _initial_state(run: RunConfig, trainer: Trainer, ckpt: Checkpointer, train_data: Loader,
-                   tracker: Tracker) -> tuple[int, dict[str, Any]]:
+                   tracker: Tracker) -> tuple[int, TrainState]:
     """(step, state): the latest good checkpoint's, else fresh (from train.init_from's
     parameters if set)."""
     if ckpt.all_steps():
@@ -408,7 +515,7 @@ def _initial_state(run: RunConfig, trainer: Trainer, ckpt: Checkpointer, train_d
                 raise ConfigError(f"cannot resume step {step}: {e}") from None
         return step, state
     if run.train.init_from:
-        abstract = trainer.abstract_state()["params"]
+        abstract = trainer.abstract_state().params
         step, params = restore_params(run.train.init_from, abstract)
         tracker.write(f"parameters from {run.train.init_from} (step {step})")
         return 0, trainer.init_from_params(params)
@@ -438,7 +545,6 @@ class _StopRequest:
     def agreed(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.name is not None
-        from jax.experimental import multihost_utils
         flags = multihost_utils.process_allgather(np.int32(self.name is not None))
         if flags.any() and self.name is None:
             self.name = "a stop request on another process"
@@ -464,9 +570,6 @@ def open_dataset(run: RunConfig, workdir: str) -> Dataset:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
     argv = sys.argv if argv is None else ["lm.train", *argv]
     flag_values = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file(  # sys_argv: where the --config.* overrides are

@@ -145,7 +145,7 @@ def test_a_checkpoint_restores_onto_other_meshes_and_as_parameters_only(tmp_path
         ckpt = Checkpointer(str(tmp_path))
         ckpt.save(2, state)
         ckpt.close()
-        saved_params = jax.device_get(state["params"])
+        saved_params = jax.device_get(state.params)
         _, metrics = trainer.train_step(state, jax.device_put(batches[2],
                                                               sharding.batch_sharding(mesh)))
     want = float(metrics["loss"])
@@ -156,7 +156,7 @@ def test_a_checkpoint_restores_onto_other_meshes_and_as_parameters_only(tmp_path
             ckpt = Checkpointer(str(tmp_path), read_only=True)
             restored = ckpt.restore(2, trainer.abstract_state())
             ckpt.close()
-            wq = restored["params"]["blocks"]["attn"]["wq"][...]
+            wq = restored.params["blocks"]["attn"]["wq"][...]
             assert wq.sharding.mesh.shape == mesh.shape
             _, metrics = trainer.train_step(restored, jax.device_put(
                 batches[2], sharding.batch_sharding(mesh)))
@@ -167,11 +167,11 @@ def test_a_checkpoint_restores_onto_other_meshes_and_as_parameters_only(tmp_path
     mesh = sharding.make_mesh(run_lamb.mesh, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         trainer = train.build(run_lamb, mesh)
-        step, params = restore_params(str(tmp_path), trainer.abstract_state()["params"])
+        step, params = restore_params(str(tmp_path), trainer.abstract_state().params)
         fresh = trainer.init_from_params(params)
     assert step == 2
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh["params"]), saved_params)
-    assert int(fresh["step"]) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh.params), saved_params)
+    assert int(fresh.step) == 0
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):

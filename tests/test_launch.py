@@ -69,7 +69,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, data):
             ckpt = Checkpointer(str(tmp_path / name), read_only=True)
             states.append(jax.device_get(ckpt.restore(5, abstract)))
             ckpt.close()
-    assert int(states[1]["step"]) == 5
+    assert int(states[1].step) == 5
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *states)
 
 

@@ -193,41 +193,43 @@ def test_overflow_skips_the_step_and_backs_off_after_hysteresis():
                        "precision.growth_interval": 2, "optim.warmup_steps": 0})
     trainer, state, mesh = build(run)
     batch = jax.random.randint(jax.random.key(0), (8, 33), 0, 256)
-    params0 = jax.device_get(state["params"])
-    opt0 = jax.device_get(state["opt_state"])
+    params0 = jax.device_get(state.params)
+    opt0 = jax.device_get(state.opt_state)
     with jax.set_mesh(mesh):
         # Inject an overflow: a scale that float16 activations' gradients cannot hold.
-        state["loss_scale"]["scale"] = jnp.asarray(2.0 ** 40, jnp.float32)
+        state = state.replace(loss_scale={**state.loss_scale,
+                                          "scale": jnp.asarray(2.0 ** 40, jnp.float32)})
         state, m = trainer.train_step(state, batch)
         assert int(m["skipped_steps"]) == 1 and not np.isfinite(float(m["grad_norm"]))
-        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), params0)
-        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["opt_state"]), opt0)
-        ls = jax.device_get(state["loss_scale"])
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params0)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), opt0)
+        ls = jax.device_get(state.loss_scale)
         assert ls["scale"] == 2.0 ** 40 and ls["hysteresis"] == 1  # tolerated once
         state, m = trainer.train_step(state, batch)
-        ls = jax.device_get(state["loss_scale"])
+        ls = jax.device_get(state.loss_scale)
         assert ls["scale"] == 2.0 ** 39 and ls["hysteresis"] == 0 and ls["skipped"] == 2
-        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), params0)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params0)
         # A scale that fits: two clean steps, then it grows and hysteresis refills.
-        state["loss_scale"]["scale"] = jnp.asarray(2.0 ** 8, jnp.float32)
+        state = state.replace(loss_scale={**state.loss_scale,
+                                          "scale": jnp.asarray(2.0 ** 8, jnp.float32)})
         for _ in range(2):
             state, m = trainer.train_step(state, batch)
-        ls = jax.device_get(state["loss_scale"])
+        ls = jax.device_get(state.loss_scale)
         assert ls["scale"] == 2.0 ** 9 and ls["hysteresis"] == 2 and ls["skipped"] == 2
-        assert int(jax.device_get(state["opt_state"][1][0].count)) == 2  # adam's step count
-    assert not np.array_equal(jax.device_get(state["params"])["embed"][...], params0["embed"][...])
+        assert int(jax.device_get(state.opt_state[1][0].count)) == 2  # adam's step count
+    assert not np.array_equal(jax.device_get(state.params)["embed"][...], params0["embed"][...])
 
 
 def test_skip_nonfinite_guards_float32_too():
     trainer, state, mesh = build(small_run(**{"train.skip_nonfinite": True}))
-    assert float(state["loss_scale"]["scale"]) == 1.0  # no scaling in float32
+    assert float(state.loss_scale["scale"]) == 1.0  # no scaling in float32
     with jax.set_mesh(mesh):
-        embed = state["params"]["embed"]
+        embed = state.params["embed"]
         embed.set_value(embed[...].at[3, 0].set(jnp.nan))  # a bad parameter: NaN loss and grads
-        before = jax.device_get(state["params"])
+        before = jax.device_get(state.params)
         state, m = trainer.train_step(state, jnp.full((8, 33), 3, jnp.int32))
     assert int(m["skipped_steps"]) == 1
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), before)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
 
 def train_losses(run, batch, steps):
@@ -252,7 +254,7 @@ def test_float16_needs_loss_scaling_and_then_tracks_float32():
                                  batch, 6)
     unscaled, _ = train_losses(small_run(**flat, **{"precision.compute_dtype": "float16",
                                                     "precision.loss_scale": "none"}), batch, 6)
-    assert float(state["loss_scale"]["scale"]) == 2.0 ** 16  # auto: dynamic for float16
+    assert float(state.loss_scale["scale"]) == 2.0 ** 16  # auto: dynamic for float16
     assert f32[-1] < f32[0] - 2 and scaled[-1] < scaled[0] - 2
     np.testing.assert_allclose(scaled, f32, atol=3e-3)
     assert np.abs(unscaled - f32).max() > 3 * np.abs(scaled - f32).max()
@@ -262,7 +264,7 @@ def test_float16_needs_loss_scaling_and_then_tracks_float32():
     for dtype, scale in (("float32", 1.0), ("float16", 1.0), ("float16", 2.0 ** 16)):
         trainer, state, _ = build(small_run(**flat, **{"precision.compute_dtype": dtype}))
         loss = lambda p, s: train.loss_fn(trainer.graphdef, p, batch) * s
-        g = jax.jit(jax.grad(loss))(state["params"], scale)["embed"][...][256:]
+        g = jax.jit(jax.grad(loss))(state.params, scale)["embed"][...][256:]
         grads[dtype, scale] = np.asarray(g) / scale
     error = {k: np.linalg.norm(g - grads["float32", 1.0]) / np.linalg.norm(grads["float32", 1.0])
              for k, g in grads.items()}
@@ -277,12 +279,12 @@ def test_master_weights_keep_updates_that_bfloat16_rounds_away():
     _, plain = train_losses(small_run(**flat), batch, 3)
     _, master = train_losses(small_run(**flat, **{"precision.master_weights": True}), batch, 3)
     _, init, _ = build(small_run(**flat))
-    w0 = np.asarray(init["params"]["blocks"]["mlp"]["wi"][...], np.float32)
-    w_plain = np.asarray(plain["params"]["blocks"]["mlp"]["wi"][...], np.float32)
-    w_master = master["opt_state"]["master"]["blocks"]["mlp"]["wi"][...]
-    assert master["params"]["blocks"]["mlp"]["wi"][...].dtype == jnp.bfloat16
+    w0 = np.asarray(init.params["blocks"]["mlp"]["wi"][...], np.float32)
+    w_plain = np.asarray(plain.params["blocks"]["mlp"]["wi"][...], np.float32)
+    w_master = master.master["blocks"]["mlp"]["wi"][...]
+    assert master.params["blocks"]["mlp"]["wi"][...].dtype == jnp.bfloat16
     assert w_master.dtype == jnp.float32
-    np.testing.assert_array_equal(master["params"]["blocks"]["mlp"]["wi"][...],
+    np.testing.assert_array_equal(master.params["blocks"]["mlp"]["wi"][...],
                                   w_master.astype(jnp.bfloat16))
     moved_master = float((np.asarray(w_master) != w0).mean())
     moved_plain = float((w_plain != w0).mean())
@@ -308,8 +310,8 @@ def test_microbatches_give_the_same_loss_and_gradients():
             for _ in range(2):
                 state, m = trainer.train_step(state, b)
                 losses.append(float(m["loss"]))
-            eval_loss = float(trainer.eval_step(state["params"], b))
-        results[k] = losses, float(m["grad_norm"]), jax.device_get(state["params"]), eval_loss
+            eval_loss = float(trainer.eval_step(state.params, b))
+        results[k] = losses, float(m["grad_norm"]), jax.device_get(state.params), eval_loss
     np.testing.assert_allclose(results[4][0], results[1][0], rtol=1e-6)
     np.testing.assert_allclose(results[4][1], results[1][1], rtol=1e-5)
     np.testing.assert_allclose(results[4][3], results[1][3], rtol=1e-6)  # eval in microbatches

@@ -27,7 +27,7 @@ def three_steps(run, mesh):
             state, metrics = trainer.train_step(state, jax.device_put(
                 batch, sharding.batch_sharding(mesh)))
             losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state["params"])
+    return losses, jax.device_get(state.params)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_stage_parameters_live_on_their_stage():
         state = trainer.init()
         batch = jax.ShapeDtypeStruct((16, 33), "int32", sharding=sharding.batch_sharding(mesh))
         hlo = trainer.train_step.lower(state, batch).compile().as_text()
-    wq = state["params"]["blocks"]["attn"]["wq"][...]
+    wq = state.params["blocks"]["attn"]["wq"][...]
     assert wq.shape[0] == 8 and wq.sharding.spec[0] == "pipeline"
     # Each device holds 2 of the 8 layers, and activations move between stages point to point.
     assert {s.data.shape[0] for s in wq.addressable_shards} == {2}

@@ -36,7 +36,7 @@ def test_parameters_are_born_sharded_on_a_2x2x2_mesh():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
         state = train.build(run, mesh).init()
-    p = state["params"]
+    p = state.params
     assert p["embed"][...].sharding.spec == P("tensor", "fsdp")
     assert p["unembed"][...].sharding.spec == P("tensor", "fsdp")
     assert p["blocks"]["attn"]["wq"][...].sharding.spec == P("pipeline", "fsdp", "tensor", None)
@@ -47,7 +47,7 @@ def test_parameters_are_born_sharded_on_a_2x2x2_mesh():
     wi = p["blocks"]["mlp"]["wi"][...]
     assert wi.addressable_shards[0].data.shape == (2, 32, 64)
     # Adam's moments follow their parameters.
-    mu = state["opt_state"][1][0].mu["blocks"]["mlp"]["wi"][...]
+    mu = state.opt_state[1][0].mu["blocks"]["mlp"]["wi"][...]
     assert mu.sharding.spec == wi.sharding.spec
 
 
@@ -103,7 +103,7 @@ def three_steps(run, mesh):
             state, metrics = trainer.train_step(state, jax.device_put(
                 b, sharding.batch_sharding(mesh)))
             losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state["params"]), trainer, state
+    return losses, jax.device_get(state.params), trainer, state
 
 
 # SGD: updates linear in the gradients. (Adam turns the float noise of gradients that are zero
@@ -147,7 +147,7 @@ def test_golden_shardings_of_every_parameter_and_optimizer_leaf(preset, root):
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     with jax.set_mesh(mesh):
         state = train.build(run, mesh).init()
-    got = {"params": leaf_specs(state["params"]), "opt_state": leaf_specs(state["opt_state"])}
+    got = {"params": leaf_specs(state.params), "opt_state": leaf_specs(state.opt_state)}
     path = os.path.join(root, "tests", "golden", f"shardings-{preset.replace('+', '_')}.json")
     if os.environ.get("LM_UPDATE_GOLDEN"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -162,7 +162,7 @@ def test_fsdp_leaves_no_large_parameter_replicated():
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8))
     with jax.set_mesh(mesh):
         state = train.build(run, mesh).init()
-    leaves = jax.tree.leaves(state["params"])
+    leaves = jax.tree.leaves(state.params)
     total = sum(x.size for x in leaves)
     replicated = [x.shape for x in leaves if x.sharding.is_fully_replicated and
                   x.size > 0.01 * total]
@@ -189,7 +189,7 @@ def test_a_tensor_parallel_layer_compiles_to_megatrons_collectives(style):
     mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
     lay = sharding.layout("tp")
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.REPLICATED):
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Block(cfg, jnp.float32, rngs=nnx.Rngs(0))))
     shardings = sharding.param_shardings(abstract, mesh, lay.params)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)

@@ -45,8 +45,8 @@ def test_pulse(tmp_path, variant):
 
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]  # periodic + final
     restored = restore_final(workdir, variant)
-    assert int(restored["step"]) == 2
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
+    assert int(restored.step) == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
     # The loader's state rides in each checkpoint: the next batch after 1 and after 2 steps.
     from lm.checkpoint import Checkpointer
     ckpt = Checkpointer(str(workdir))
@@ -96,7 +96,7 @@ def test_trains_on_a_prepared_bpe_corpus(tmp_path):
                        "train.eval_every": 3, "train.eval_batches": 1, "train.sample_tokens": 4,
                        "train.progress": False, "mesh.data": 8})
     state = train.train(run, str(tmp_path / "run"))
-    assert int(state["step"]) == 3
+    assert int(state.step) == 3
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [3]
     tok = from_workdir(str(tmp_path / "run"))
