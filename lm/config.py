@@ -36,10 +36,23 @@ class ConfigError(ValueError):
     """A config value a user can fix; the message names the key."""
 
 
-def key(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config key: its default, its one-line meaning (docs/configuration.md) and, for a
-    string, the values it may take (checked by `from_config_dict`)."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
+def key(default: Any, doc: str, choices: tuple[str, ...] | None = None, **bounds: float) -> Any:
+    """A config key: its default, its one-line meaning (docs/configuration.md) and the values
+    it may take: a string's `choices`, a number's bounds `ge`, `gt`, `le`, `lt` (checked by
+    `from_config_dict`; relations between keys are checked in `validate`)."""
+    return dataclasses.field(default=default,
+                             metadata={"doc": doc, "choices": choices, "bounds": bounds})
+
+
+BOUNDS = {"ge": (">=", lambda x, b: x >= b), "gt": (">", lambda x, b: x > b),
+          "le": ("<=", lambda x, b: x <= b), "lt": ("<", lambda x, b: x < b)}
+
+
+def allowed(field: dataclasses.Field) -> str:
+    """The values a key may take, in words ('' where any value of its type is valid)."""
+    if field.metadata.get("choices"):
+        return "one of " + ", ".join(f"'{c}'" for c in field.metadata["choices"])
+    return " and ".join(f"{BOUNDS[k][0]} {v}" for k, v in field.metadata.get("bounds", {}).items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +61,17 @@ class ModelConfig:
     style: str = key("gpt2", "'gpt2' (learned positions, LayerNorm, GELU, tied output head) or "
                      "'llama' (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head)",
                      STYLES)
-    num_layers: int = key(4, "transformer layers")
-    d_model: int = key(256, "width of the residual stream")
-    num_heads: int = key(4, "query heads; head_dim = d_model / num_heads")
+    num_layers: int = key(4, "transformer layers", gt=0)
+    d_model: int = key(256, "width of the residual stream", gt=0)
+    num_heads: int = key(4, "query heads; head_dim = d_model / num_heads", gt=0)
     num_kv_heads: int = key(4, "key/value heads; fewer than num_heads is grouped-query attention "
-                            "(must divide num_heads)")
+                            "(must divide num_heads)", gt=0)
     mlp_dim: int = key(1024, "hidden width of the MLP (SwiGLU: of each of its two input "
-                       "projections)")
+                       "projections)", gt=0)
     vocab_size: int = key(384, "embedding rows; at least the tokenizer's vocabulary (byte "
-                          "tokenizer: 258)")
-    max_len: int = key(256, "longest sequence (learned positions, KV cache length when serving)")
+                          "tokenizer: 258)", gt=0)
+    max_len: int = key(256, "longest sequence (learned positions, KV cache length when "
+                       "serving)", gt=0)
     rope_theta: float = key(10000.0, "RoPE base frequency (llama style)")
     norm_eps: float = key(1e-5, "epsilon of LayerNorm / RMSNorm")
     scan_layers: bool = key(True, "lax.scan over the stacked layers (fast compiles, less memory "
@@ -77,17 +91,17 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The training loop (`lm/train.py`)."""
-    steps: int = key(1000, "optimizer steps of the run")
-    batch_size: int = key(16, "global batch in sequences, over all hosts and devices")
-    seq_len: int = key(128, "tokens per training sequence")
+    steps: int = key(1000, "optimizer steps of the run", gt=0)
+    batch_size: int = key(16, "global batch in sequences, over all hosts and devices", gt=0)
+    seq_len: int = key(128, "tokens per training sequence", gt=0)
     seed: int = key(0, "parameter initialization and data order")
-    eval_every: int = key(100, "steps between evaluations on the held-out split")
-    eval_batches: int = key(4, "batches per evaluation")
-    log_every: int = key(10, "steps between logged metrics (JSONL, TensorBoard)")
-    sample_tokens: int = key(200, "tokens sampled from the final model (0: none)")
+    eval_every: int = key(100, "steps between evaluations on the held-out split", gt=0)
+    eval_batches: int = key(4, "batches per evaluation", gt=0)
+    log_every: int = key(10, "steps between logged metrics (JSONL, TensorBoard)", gt=0)
+    sample_tokens: int = key(200, "tokens sampled from the final model (0: none)", ge=0)
     progress: bool = key(True, "show a progress bar")
     microbatches: int = key(1, "gradient accumulation: microbatches per step, in one jit "
-                            "(divides batch_size)")
+                            "(divides batch_size)", ge=1)
     skip_nonfinite: bool = key(False, "skip updates whose gradients are not finite (always on "
                                "with dynamic loss scaling); off, a non-finite loss stops the run")
     init_from: str = key("", "start from these parameters (a checkpoint directory, a workdir, "
@@ -99,21 +113,21 @@ class OptimConfig:
     """The optimizer and learning-rate schedule (`lm/optim.py`)."""
     name: str = key("adamw", "'adamw', 'lamb', 'lars', 'nvlamb' or 'sgd' (momentum)", OPTIMIZERS)
     lr: float = key(3e-4, "peak learning rate (lm.optim.scale_lr: linear / sqrt batch-size "
-                    "rules)")
+                    "rules)", gt=0)
     schedule: str = key("cosine", "after the linear warmup: 'cosine', 'linear', 'constant', "
                         "'inverse_sqrt'", SCHEDULES)
-    warmup_steps: int = key(100, "linear warmup from 0 to lr")
-    decay_steps: int = key(0, "end of the cosine / linear decay; 0 = train.steps")
-    min_lr_ratio: float = key(0.1, "floor of the decay, as a fraction of lr")
-    weight_decay: float = key(0.1, "decoupled weight decay (not on norms and biases)")
+    warmup_steps: int = key(100, "linear warmup from 0 to lr", ge=0)
+    decay_steps: int = key(0, "end of the cosine / linear decay; 0 = train.steps", ge=0)
+    min_lr_ratio: float = key(0.1, "floor of the decay, as a fraction of lr", ge=0, le=1)
+    weight_decay: float = key(0.1, "decoupled weight decay (not on norms and biases)", ge=0)
     clip_norm: float = key(1.0, "clip the global gradient norm to this; 0 disables (nvlamb: its "
-                           "max_grad_norm, > 0)")
-    b1: float = key(0.9, "first-moment decay (Adam family)")
-    b2: float = key(0.95, "second-moment decay (Adam family)")
+                           "max_grad_norm, > 0)", ge=0)
+    b1: float = key(0.9, "first-moment decay (Adam family)", ge=0, lt=1)
+    b2: float = key(0.95, "second-moment decay (Adam family)", ge=0, lt=1)
     eps: float = key(1e-8, "denominator epsilon (Adam family)")
-    momentum: float = key(0.9, "momentum (sgd, lars)")
+    momentum: float = key(0.9, "momentum (sgd, lars)", ge=0, lt=1)
     nesterov: bool = key(False, "Nesterov momentum (sgd, lars)")
-    trust_coefficient: float = key(0.001, "LARS trust ratio coefficient")
+    trust_coefficient: float = key(0.001, "LARS trust ratio coefficient", gt=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,12 +142,13 @@ class PrecisionConfig:
                                "half-precision parameters)")
     loss_scale: str = key("auto", "'auto' (dynamic when a dtype is float16), 'dynamic' or "
                           "'none'", LOSS_SCALE)
-    initial_scale: float = key(2.0 ** 16, "dynamic loss scaling: the starting scale")
-    growth_factor: float = key(2.0, "scale multiplier after growth_interval clean steps")
-    growth_interval: int = key(1000, "clean steps before the scale grows")
-    backoff_factor: float = key(0.5, "scale multiplier once hysteresis overflows have been seen")
-    hysteresis: int = key(2, "overflows tolerated before the scale backs off (Megatron)")
-    min_scale: float = key(1.0, "the scale never falls below this")
+    initial_scale: float = key(2.0 ** 16, "dynamic loss scaling: the starting scale", gt=0)
+    growth_factor: float = key(2.0, "scale multiplier after growth_interval clean steps", gt=1)
+    growth_interval: int = key(1000, "clean steps before the scale grows", ge=1)
+    backoff_factor: float = key(0.5, "scale multiplier once hysteresis overflows have been "
+                                "seen", gt=0, lt=1)
+    hysteresis: int = key(2, "overflows tolerated before the scale backs off (Megatron)", ge=1)
+    min_scale: float = key(1.0, "the scale never falls below this", gt=0)
 
     @property
     def dynamic(self) -> bool:
@@ -154,9 +169,9 @@ class MeshConfig:
     rules: str = key("fsdp+tp", "what each axis splits: presets joined by '+': dp, zero1, zero2, "
                      "zero3, fsdp, tp, sp")
     dcn_data: int = key(1, "across nodes (DCN / InfiniBand): data ways; an axis's total size is "
-                        "its ICI size x its DCN size")
-    dcn_fsdp: int = key(1, "across nodes: fsdp ways")
-    dcn_pipeline: int = key(1, "across nodes: pipeline stages")
+                        "its ICI size x its DCN size", ge=1)
+    dcn_fsdp: int = key(1, "across nodes: fsdp ways", ge=1)
+    dcn_pipeline: int = key(1, "across nodes: pipeline stages", ge=1)
 
     def dcn_shape(self) -> dict[str, int]:
         return {a: getattr(self, f"dcn_{a}", 1) for a in MESH_AXES}
@@ -171,8 +186,8 @@ class PipelineConfig:
     mesh.pipeline is 1."""
     schedule: str = key("gpipe", "'gpipe' or 'interleaved' (virtual_stages layer chunks per "
                         "stage)", PIPELINE_SCHEDULES)
-    microbatches: int = key(1, "micro-batches per step; a multiple of the stages")
-    virtual_stages: int = key(1, "layer chunks per stage: 1 for gpipe, >= 2 for interleaved")
+    microbatches: int = key(1, "micro-batches per step; a multiple of the stages", ge=1)
+    virtual_stages: int = key(1, "layer chunks per stage: 1 for gpipe, >= 2 for interleaved", ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,18 +196,18 @@ class DataConfig:
     path: str = key("", "a `python -m lm.data.prepare` directory; '' = the embedded corpus (the "
                     "stdlib's sources, prepared into WORKDIR/data)")
     val_fraction: float = key(0.02, "embedded corpus: share of documents held out for "
-                              "evaluation")
+                              "evaluation", gt=0, lt=0.5)
     shuffle: bool = key(True, "a seeded permutation of the sequences each epoch")
-    prefetch: int = key(2, "batches built ahead by a background thread; 0 = none")
+    prefetch: int = key(2, "batches built ahead by a background thread; 0 = none", ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints in WORKDIR/checkpoints (docs/checkpoints.md)."""
-    every: int = key(0, "steps between checkpoints (0: only the final one)")
-    keep: int = key(2, "the most recent checkpoints kept")
+    every: int = key(0, "steps between checkpoints (0: only the final one)", ge=0)
+    keep: int = key(2, "the most recent checkpoints kept", ge=1)
     keep_every: int = key(0, "also keep every checkpoint whose step is a multiple of this "
-                          "(0: none)")
+                          "(0: none)", ge=0)
     async_save: bool = key(True, "write checkpoints in the background while training goes on")
 
 
@@ -281,9 +296,10 @@ def _section(raw: Any, name: str, cls: type) -> Any:
         if k not in fields:
             raise ConfigError(f"unknown config key '{name}.{k}'; valid keys: {sorted(fields)}")
         kwargs[k] = _typed(f"{name}.{k}", value, fields[k].default)
-        choices = fields[k].metadata.get("choices")
-        _check(not choices or value in choices, f"{name}.{k}",
-               f"must be one of {list(choices or ())}, got {value!r}")
+        meta = fields[k].metadata
+        ok = (value in meta["choices"] if meta.get("choices") else
+              all(BOUNDS[b][1](value, v) for b, v in meta.get("bounds", {}).items()))
+        _check(ok, f"{name}.{k}", f"must be {allowed(fields[k])}, got {value!r}")
     return cls(**kwargs)
 
 
@@ -320,11 +336,9 @@ def from_config_dict(cd: ml_collections.ConfigDict) -> RunConfig:
 
 
 def validate(run: RunConfig) -> None:
-    """The checks that relate keys to each other (types and choices are checked per key)."""
+    """The checks that relate keys to each other (types, choices and bounds are checked per
+    key)."""
     m, t, o, p, pp = run.model, run.train, run.optim, run.precision, run.pipeline
-    for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size",
-                 "max_len"):
-        _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
     _check(m.d_model % m.num_heads == 0, "model.num_heads",
            f"({m.num_heads}) must divide model.d_model ({m.d_model})")
     _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
@@ -335,45 +349,23 @@ def validate(run: RunConfig) -> None:
     else:
         _check(m.head_dim % 2 == 0, "model.d_model",
                f"/ model.num_heads must be even for RoPE, got head_dim {m.head_dim}")
-
-    for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "eval_batches"):
-        _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
-    _check(t.sample_tokens >= 0, "train.sample_tokens", f"must be >= 0, got {t.sample_tokens}")
     _check(t.seq_len <= m.max_len, "train.seq_len",
            f"({t.seq_len}) must be <= model.max_len ({m.max_len})")
-    _check(t.microbatches >= 1, "train.microbatches", f"must be >= 1, got {t.microbatches}")
     _check(t.batch_size % t.microbatches == 0, "train.microbatches",
            f"({t.microbatches}) must divide train.batch_size ({t.batch_size})")
-
-    _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    _check(o.trust_coefficient > 0, "optim.trust_coefficient",
-           f"must be positive, got {o.trust_coefficient}")
     _check(o.name != "nvlamb" or o.clip_norm > 0, "optim.clip_norm",
            "must be positive for nvlamb: it is NVLAMB's max_grad_norm, the global gradient-norm "
            "pre-normalisation (NVIDIA's default 1.0)")
-    _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    _check(o.decay_steps >= 0, "optim.decay_steps", f"must be >= 0, got {o.decay_steps}")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _check(o.clip_norm >= 0, "optim.clip_norm", f"must be >= 0 (0 disables), got {o.clip_norm}")
-    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", f"must be in [0, 1), got {o.b1}, {o.b2}")
 
     for axis, size in run.mesh.shape().items():
         _check(size == -1 or size >= 1, f"mesh.{axis}", f"must be >= 1 or -1 (fill), got {size}")
     _check(sum(s == -1 for s in run.mesh.shape().values()) <= 1, "mesh",
            "may have at most one axis set to -1")
-    for axis in ("data", "fsdp", "pipeline"):
-        size = getattr(run.mesh, f"dcn_{axis}")
-        _check(size >= 1, f"mesh.dcn_{axis}", f"must be >= 1, got {size}")
     parts = run.mesh.rules.split("+")
     _check(all(x in RULE_PARTS for x in parts) and len(set(parts)) == len(parts), "mesh.rules",
            f"must be presets from {list(RULE_PARTS)} joined by '+' (e.g. 'zero3+tp+sp'), got "
            f"{run.mesh.rules!r}")
 
-    _check(pp.microbatches >= 1, "pipeline.microbatches", f"must be >= 1, got {pp.microbatches}")
-    _check(pp.virtual_stages >= 1, "pipeline.virtual_stages",
-           f"must be >= 1, got {pp.virtual_stages}")
     # Both keys name the schedule (lm.pipeline runs by virtual_stages): they must agree.
     _check((pp.schedule == "interleaved") == (pp.virtual_stages > 1), "pipeline.virtual_stages",
            f"({pp.virtual_stages}) must be 1 for schedule 'gpipe' and >= 2 for 'interleaved' "
@@ -382,22 +374,8 @@ def validate(run: RunConfig) -> None:
            f"({pp.microbatches}) must divide the batch of each step (train.batch_size / "
            f"train.microbatches = {t.batch_size // t.microbatches})")
 
-    _check(0 < run.data.val_fraction < 0.5, "data.val_fraction",
-           f"must be in (0, 0.5), got {run.data.val_fraction}")
-    _check(run.data.prefetch >= 0, "data.prefetch", f"must be >= 0, got {run.data.prefetch}")
-    _check(run.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {run.checkpoint.every}")
-    _check(run.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {run.checkpoint.keep}")
-    _check(run.checkpoint.keep_every >= 0, "checkpoint.keep_every",
-           f"must be >= 0 (0: none), got {run.checkpoint.keep_every}")
-
-    _check(p.initial_scale >= p.min_scale > 0, "precision.initial_scale",
-           f"must be >= precision.min_scale > 0, got {p.initial_scale} and {p.min_scale}")
-    _check(p.growth_factor > 1, "precision.growth_factor", f"must be > 1, got {p.growth_factor}")
-    _check(0 < p.backoff_factor < 1, "precision.backoff_factor",
-           f"must be in (0, 1), got {p.backoff_factor}")
-    _check(p.growth_interval >= 1, "precision.growth_interval",
-           f"must be >= 1, got {p.growth_interval}")
-    _check(p.hysteresis >= 1, "precision.hysteresis", f"must be >= 1, got {p.hysteresis}")
+    _check(p.initial_scale >= p.min_scale, "precision.initial_scale",
+           f"must be >= precision.min_scale, got {p.initial_scale} and {p.min_scale}")
     _check(p.param_dtype != "float16" or p.master_weights, "precision.param_dtype",
            "float16 parameters need precision.master_weights=True: Adam's second moment and "
            "small updates vanish in float16 (bfloat16 parameters work without)")

@@ -10,66 +10,56 @@ writes, into OUT:
     export.json         model size facts (max_len, vocab, layers, kv heads, head dim), tokenizer
     the tokenizer file (BPE `tokenizer.json`), when the run had one
 
-`lm.export.load(OUT)` returns an `Exported` whose `prefill`, `decode_step` and `generate`
-(greedy, for checks) call the deserialized functions: nothing of lm.model is imported.
+`lm.export.load(OUT)` returns an `Exported` whose `prefill` and `decode_step` call the
+deserialized functions, and whose `slots` (continuous batching, `lm.generate.DecodeSlots`) and
+greedy `generate` (built on them, for checks) run them: nothing of lm.model is imported.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
+import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.config import ConfigError
+from lm.data import tokenizer as tokenizers
+from lm.generate import DecodeSlots, Engine, SamplingParams
+
 PREFILL, DECODE, PARAMS, META = "prefill.jaxexport", "decode.jaxexport", "params.npz", "export.json"
 
 
 def export(checkpoint: str, out: str, platforms: tuple[str, ...] | None = None) -> dict:
-    from flax import nnx
-
-    from lm.generate import Engine, decode_step, prefill
-    from lm.model import init_cache
+    """Writes the serving functions of `checkpoint` into `out`; returns export.json's facts."""
     engine = Engine.from_checkpoint(checkpoint)
     cfg = engine.cfg
     leaves, treedef = jax.tree.flatten(engine.params)
-    graphdef = engine.graphdef
 
-    def model_of(param_leaves):
-        return nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
-
-    def prefill_fn(param_leaves, tokens_bp, lengths_b):
-        cache = init_cache(cfg, tokens_bp.shape[0], cfg.max_len)
-        return prefill(model_of(param_leaves), tokens_bp, lengths_b, cache)
-
-    def decode_fn(param_leaves, tokens_b, positions_b, cache):
-        return decode_step(model_of(param_leaves), tokens_b, positions_b, cache)
+    def flat(fn):  # the functions take the parameters as a flat list: params.npz holds no tree
+        return jax.jit(lambda flat_params, *args: fn(treedef.unflatten(flat_params), *args))
 
     b, p = jax.export.symbolic_shape("b, p")
     abstract_leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    int_b, int_bp = jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, p), jnp.int32)
     cache_shape = (cfg.num_layers, b, cfg.max_len, cfg.num_kv_heads, cfg.head_dim)
-    cache = {k: jax.ShapeDtypeStruct(cache_shape, jnp.dtype(cfg.compute_dtype)) for k in "kv"}
-    kwargs = {"platforms": platforms} if platforms else {}
-    exported_prefill = jax.export.export(jax.jit(prefill_fn), **kwargs)(
-        abstract_leaves, jax.ShapeDtypeStruct((b, p), jnp.int32),
-        jax.ShapeDtypeStruct((b,), jnp.int32))
-    exported_decode = jax.export.export(jax.jit(decode_fn), **kwargs)(
-        abstract_leaves, jax.ShapeDtypeStruct((b,), jnp.int32),
-        jax.ShapeDtypeStruct((b,), jnp.int32), cache)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, PREFILL), "wb") as f:
-        f.write(exported_prefill.serialize())
-    with open(os.path.join(out, DECODE), "wb") as f:
-        f.write(exported_decode.serialize())
-    np.savez(os.path.join(out, PARAMS), *[np.asarray(x) for x in leaves])
+    cache = {k: jax.ShapeDtypeStruct(cache_shape, jnp.dtype(engine.cache_dtype)) for k in "kv"}
+    export_ = functools.partial(jax.export.export, platforms=platforms or None)
+    exported_prefill = export_(flat(engine.prefill_fn))(abstract_leaves, int_bp, int_b)
+    exported_decode = export_(flat(engine.decode_fn))(abstract_leaves, int_b, int_b, cache)
+    out_dir = pathlib.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / PREFILL).write_bytes(exported_prefill.serialize())
+    (out_dir / DECODE).write_bytes(exported_decode.serialize())
+    np.savez(out_dir / PARAMS, *[np.asarray(x) for x in leaves])
     meta = {"max_len": cfg.max_len, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_layers,
             "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-            "cache_dtype": cfg.compute_dtype, "platforms": list(exported_prefill.platforms),
+            "cache_dtype": engine.cache_dtype, "platforms": list(exported_prefill.platforms),
             "tokenizer": engine.tokenizer.save(out) if engine.tokenizer is not None else None}
-    with open(os.path.join(out, META), "w") as f:
-        json.dump(meta, f, indent=1)
+    (out_dir / META).write_text(json.dumps(meta, indent=1))
     return meta
 
 
@@ -77,18 +67,14 @@ class Exported:
     """The deserialized serving functions of an export directory."""
 
     def __init__(self, directory: str):
-        with open(os.path.join(directory, META)) as f:
-            self.meta = json.load(f)
-        with open(os.path.join(directory, PREFILL), "rb") as f:
-            self._prefill = jax.export.deserialize(f.read())
-        with open(os.path.join(directory, DECODE), "rb") as f:
-            self._decode = jax.export.deserialize(f.read())
-        with np.load(os.path.join(directory, PARAMS)) as z:
+        d = pathlib.Path(directory)
+        self.meta = json.loads((d / META).read_text())
+        self._prefill = jax.export.deserialize((d / PREFILL).read_bytes())
+        self._decode = jax.export.deserialize((d / DECODE).read_bytes())
+        with np.load(d / PARAMS) as z:
             self.params = [jnp.asarray(z[f"arr_{i}"]) for i in range(len(z.files))]
-        self.tokenizer = None
-        if self.meta.get("tokenizer") is not None:
-            from lm.data import tokenizer as tokenizers
-            self.tokenizer = tokenizers.load(self.meta["tokenizer"], directory)
+        tok = self.meta.get("tokenizer")
+        self.tokenizer = tokenizers.load(tok, directory) if tok is not None else None
         self.max_len = self.meta["max_len"]
 
     def prefill(self, tokens_bp, lengths_b):
@@ -99,32 +85,24 @@ class Exported:
         return self._decode.call(self.params, jnp.asarray(tokens_b, jnp.int32),
                                  jnp.asarray(positions_b, jnp.int32), cache)
 
-    def slots(self, num_slots: int):
-        """`num_slots` decode rows for continuous batching (`lm.generate.DecodeSlots`; this
-        imports lm.generate, but builds no model)."""
-        from lm.generate import DecodeSlots
+    def slots(self, num_slots: int) -> DecodeSlots:
+        """`num_slots` decode rows for continuous batching (no model is built)."""
         m = self.meta
         shape = (m["num_layers"], num_slots, m["max_len"], m["num_kv_heads"], m["head_dim"])
-        return DecodeSlots(lambda params, t, n: self._prefill.call(params, t, n),
-                           lambda params, t, pos, c: self._decode.call(params, t, pos, c),
-                           self.params,
+        return DecodeSlots(self._prefill.call, self._decode.call, self.params,
                            lambda: {k: jnp.zeros(shape, m["cache_dtype"]) for k in "kv"})
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuation of each prompt (a host loop over `decode_step`)."""
-        lengths = np.array([len(x) for x in prompts], np.int32)
-        if (lengths + max_new_tokens > self.max_len).any():
+        """Greedy continuation of each prompt by max_new_tokens tokens (one slot each)."""
+        if any(len(ids) + max_new_tokens > self.max_len for ids in prompts):
             raise ValueError(f"prompt + max_new_tokens exceed the context ({self.max_len})")
-        tokens = np.zeros((len(prompts), lengths.max()), np.int32)
-        for i, ids in enumerate(prompts):
-            tokens[i, :len(ids)] = ids
-        logits, cache = self.prefill(tokens, lengths)
-        out = []
-        for step in range(max_new_tokens):
-            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            out.append(np.asarray(nxt))
-            logits, cache = self.decode_step(nxt, jnp.asarray(lengths + step), cache)
-        return np.stack(out, axis=1).tolist()
+        slots = self.slots(len(prompts))
+        greedy = SamplingParams(max_new_tokens=max_new_tokens)
+        out = [[slots.insert(i, ids, greedy)] for i, ids in enumerate(prompts)]
+        for _ in range(max_new_tokens - 1):
+            for ids, token in zip(out, slots.step()):
+                ids.append(int(token))
+        return out
 
 
 def load(directory: str) -> Exported:
@@ -132,7 +110,6 @@ def load(directory: str) -> Exported:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lm.config import ConfigError
     p = argparse.ArgumentParser(prog="python -m lm.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="a training workdir (its latest checkpoint) or one checkpoint dir")

@@ -1,66 +1,41 @@
-"""Generating text: a KV-cache engine and the sampling pieces it is made of.
+"""Generating text: one decode step with its sampler, run by a KV-cache engine and by
+continuous-batching slots.
 
     python -m lm.generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3)
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
 
-`Engine.generate` prefills a batch of prompts of different lengths into a preallocated KV cache
-and decodes with one jitted `while_loop` until every request is done, each request with its own
-temperature, top-k, top-p, seed, stop ids and max_new_tokens. `temperature_scale`,
-`top_k_mask`, `top_p_mask` and `sample_tokens` are the separately tested pieces.
-
-`sample` is the simple path kept for the end-of-training sample: it reruns the causal forward
-over a fixed [B, max_len] buffer for each new token (no cache).
+checkpoint -> `Engine` -> `Engine.generate` (an offline batch: prefill, then one jitted
+`while_loop`) or `Engine.slots` -> `DecodeSlots` (rows of one cache that requests enter and
+leave; `lm.scheduler` drives them for `lm.serve`). Both decode with `decode_and_sample`, each
+row with its own temperature, top-k, top-p and seed, and draw a request's token i with the key
+(seed, i): the same tokens in any batch or slot.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
+import json
+import sys
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.model import Transformer, init_cache
+from lm import sharding
+from lm.config import ConfigError
+from lm.data import tokenizer as tokenizers
+from lm.quantize import quantize
 
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "length", "temperature"))
-def _sample(graphdef, params, buf_bt, prompt_len, key, length: int, temperature: float):
-    model = nnx.merge(graphdef, params)
-
-    def step(t, carry):
-        buf_bt, key = carry
-        logits_bv = model(buf_bt)[:, t - 1].astype(jnp.float32)
-        key, sub = jax.random.split(key)
-        if temperature > 0:
-            nxt_b = jax.random.categorical(sub, logits_bv / temperature)
-        else:
-            nxt_b = jnp.argmax(logits_bv, axis=-1)
-        return buf_bt.at[:, t].set(nxt_b.astype(buf_bt.dtype)), key
-
-    buf_bt, _ = jax.lax.fori_loop(prompt_len, length, step, (buf_bt, key))
-    return buf_bt
-
-
-def sample(model_or_graphdef, params=None, *, prompt: jax.Array, num_tokens: int,
-           temperature: float = 0.7, seed: int = 0) -> jax.Array:
-    """Continues `prompt` [B, P] by `num_tokens` tokens; returns [B, P + num_tokens].
-
-    Accepts a model, or a (graphdef, params) pair from `nnx.split`.
-    """
-    if params is None:
-        graphdef, params = nnx.split(model_or_graphdef)
-    else:
-        graphdef = model_or_graphdef
-    b, p = prompt.shape
-    length = p + num_tokens
-    buf = jnp.zeros((b, length), jnp.int32).at[:, :p].set(prompt)
-    return _sample(graphdef, params, buf, p, jax.random.key(seed), length, float(temperature))
+if TYPE_CHECKING:
+    from lm.model import Transformer
 
 
 # ---------------------------------------------------------------------------------------------
-# The KV-cache engine
+# The sampler
 
 
 def temperature_scale(logits_bv: jax.Array, temperature_b: jax.Array) -> jax.Array:
@@ -122,6 +97,98 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingRows:
+    """The sampler's part of each row's SamplingParams, as arrays [b]."""
+    seed_b: jax.Array  # uint32
+    temperature_b: jax.Array  # float32, 0: greedy
+    top_k_b: jax.Array  # int32, 0: off
+    top_p_b: jax.Array  # float32, 1: off
+
+    @classmethod
+    def of(cls, sampling: list[SamplingParams], rows: int) -> "SamplingRows":
+        """Row i samples as sampling[i]; rows beyond the list (padding, free slots) are greedy,
+        so that the masks that sort the vocabulary stay skipped for them."""
+        sp = list(sampling) + [SamplingParams()] * (rows - len(sampling))
+        return cls(np.array([s.seed for s in sp], np.uint32),
+                   np.array([s.temperature for s in sp], np.float32),
+                   np.array([s.top_k for s in sp], np.int32),
+                   np.array([s.top_p for s in sp], np.float32))
+
+
+def sample_next(logits_bv, counts_b, rows: SamplingRows) -> jax.Array:
+    """Each row's counts_b[i]-th generated token [b] from its logits [b, V]. Its key is
+    (seed, counts_b[i]) alone: the same token whatever batch or slot the row is in."""
+    keys_b = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(rows.seed_b,
+                                                                             counts_b)
+    return sample_tokens(logits_bv, keys_b, rows.temperature_b, rows.top_k_b, rows.top_p_b)
+
+
+def decode_and_sample(decode, cache, tokens_b, positions_b, counts_b, rows: SamplingRows):
+    """The decode step of `Engine.generate` and of `DecodeSlots`: feeds each row its last token
+    [b] at its position [b]; returns (its counts_b[i]-th token [b], cache). `decode(tokens_b,
+    positions_b, cache) -> (logits [b, V], cache)` is `decode_step` on a model or an export."""
+    cache_len = jax.tree.leaves(cache)[0].shape[2]
+    # A row past the cache's end (finished, or a free slot) rewrites the last position: its
+    # tokens are ignored, and it must not write out of bounds.
+    logits_bv, cache = decode(tokens_b, jnp.minimum(positions_b, cache_len - 1), cache)
+    return sample_next(logits_bv, counts_b, rows), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings and shapes
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` before the earliest stop string in it, and whether there was one."""
+    cut = min((text.index(s) for s in stop if s in text), default=None)
+    return (text, False) if cut is None else (text[:cut], True)
+
+
+def text_of(ids: list[int], tokenizer, stop: tuple[str, ...] = ()) -> str:
+    """The text of generated `ids`, cut before a stop string."""
+    return cut_at_stop(tokenizer.decode(np.asarray(ids, np.int32)), stop)[0]
+
+
+def _ids_through_stop(ids: list[int], stop: tuple[str, ...], tokenizer) -> list[int]:
+    """The shortest prefix of `ids` whose text contains a stop string (all if none does)."""
+    for j in range(1, len(ids) + 1):
+        if cut_at_stop(tokenizer.decode(np.asarray(ids[:j], np.int32)), stop)[1]:
+            return ids[:j]
+    return ids
+
+
+def default_stop_ids(tokenizer) -> tuple[int, ...]:
+    """A generation ends at the end-of-document token (none without a tokenizer)."""
+    return (tokenizer.eod_id,) if tokenizer is not None else ()
+
+
+def _padded(rows: list[list[int]], shape: tuple[int, int], fill: int = 0) -> np.ndarray:
+    """Ragged int rows, right-padded with `fill`, as an int32 array of `shape`."""
+    out = np.full(shape, fill, np.int32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def bucket(n: int) -> int:
+    """The power of two >= n: batch, prompt and step counts are rounded up to one, so that few
+    programs are compiled."""
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV-cache engine
+
+
+def _empty_cache(cfg, batch: int, length: int, dtype):
+    # Imported here, not at the top: lm.export.load runs DecodeSlots and the sampler without
+    # importing the model's code.
+    from lm.model import init_cache
+    return init_cache(cfg, batch, length, dtype)
+
+
 def prefill(model: Transformer, tokens_bp, lengths_b, cache):
     """Writes right-padded prompts [b, p] (row i's first lengths_b[i] tokens are real) into
     `cache`; returns the float32 logits [b, V] of each row's last prompt token and the cache."""
@@ -137,37 +204,33 @@ def decode_step(model: Transformer, tokens_b, positions_b, cache):
     return logits[:, 0].astype(jnp.float32), cache
 
 
-def _keys(seeds_b, counts_b):
-    """Row i's key for its counts_b[i]-th token: the same whatever batch or slot it is in."""
-    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_b, counts_b)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "steps", "cache_dtype"))
-def _generate(graphdef, params, prompt_bp, lengths_b, max_new_b, temperature_b, top_k_b,
-              top_p_b, seeds_b, stop_ids_bs, cache_len: int, steps: int, cache_dtype=None):
-    """Prefill, then decode until every row is done: the whole loop is one jitted while_loop."""
+def _generate(graphdef, params, prompt_bp, lengths_b, max_new_b, rows: SamplingRows,
+              stop_ids_bs, cache_len: int, steps: int, cache_dtype: str):
+    """Prefill, then decode until every row is done: the whole loop is one jitted while_loop.
+    Returns the tokens [b, steps] (-1 after a row's end) and each row's count [b]."""
     model = nnx.merge(graphdef, params)
-    b, p = prompt_bp.shape
-    cache = init_cache(model.cfg, b, cache_len, cache_dtype)
-    last_bv, cache = prefill(model, prompt_bp, lengths_b, cache)
+    b = prompt_bp.shape[0]
+    cache = _empty_cache(model.cfg, b, cache_len, cache_dtype)
+    logits_bv, cache = prefill(model, prompt_bp, lengths_b, cache)
+    first_b = sample_next(logits_bv, jnp.zeros_like(lengths_b), rows)
+    decode = functools.partial(decode_step, model)
 
     def body(carry):
-        i, out_bn, count_b, done_b, last_bv, cache = carry
-        token_b = sample_tokens(last_bv, _keys(seeds_b, jnp.full_like(seeds_b, i)),
-                                temperature_b, top_k_b, top_p_b)
+        i, token_b, out_bn, count_b, done_b, cache = carry  # token_b: each row's i-th token
         stopped_b = jnp.any(token_b[:, None] == stop_ids_bs, axis=-1)
         live_b = ~done_b & ~stopped_b
         out_bn = out_bn.at[:, i].set(jnp.where(live_b, token_b, -1))
         count_b = count_b + live_b
         done_b = done_b | stopped_b | (count_b >= max_new_b)
-        position_b = jnp.minimum(lengths_b + i, cache_len - 1)
-        logits_bv, cache = decode_step(model, token_b, position_b, cache)
-        return i + 1, out_bn, count_b, done_b, logits_bv, cache
+        token_b, cache = decode_and_sample(decode, cache, token_b, lengths_b + i,
+                                           jnp.full_like(lengths_b, i + 1), rows)
+        return i + 1, token_b, out_bn, count_b, done_b, cache
 
-    init = (jnp.int32(0), jnp.full((b, steps), -1, jnp.int32), jnp.zeros(b, jnp.int32),
-            max_new_b <= 0, last_bv, cache)
-    _, out_bn, count_b, _, _, _ = jax.lax.while_loop(
-        lambda c: (c[0] < steps) & ~jnp.all(c[3]), body, init)
+    init = (jnp.int32(0), first_b, jnp.full((b, steps), -1, jnp.int32), jnp.zeros(b, jnp.int32),
+            max_new_b <= 0, cache)
+    _, _, out_bn, count_b, _, _ = jax.lax.while_loop(
+        lambda c: (c[0] < steps) & ~jnp.all(c[4]), body, init)
     return out_bn, count_b
 
 
@@ -176,66 +239,57 @@ class Engine:
 
         engine = Engine(graphdef, params)            # or Engine.from_checkpoint(path)
         ids = engine.generate([[5, 6, 7], [9]], SamplingParams(max_new_tokens=20))
-        slots = engine.slots(8)                      # continuous batching (lm.serve)
+        slots = engine.slots(8)                      # continuous batching (lm.scheduler)
 
     Prompts of different lengths share one batch (right-padded; each row attends only to its
-    own positions), each with its own sampling parameters. Shapes are bucketed (batch and prompt
-    length to powers of two) so that few programs are compiled. With a `mesh` (parameters
+    own positions), each with its own sampling parameters. With a `mesh` (parameters
     sharded by `lm.sharding.RULES`, e.g. from `from_checkpoint(path, mesh)`) the batch and the
     KV cache rows are split over data x fsdp and the kv heads over tensor. `cache_dtype="int8"`
     keeps the KV cache in int8 (a scale per position and head)."""
 
     def __init__(self, graphdef, params, tokenizer=None, *, mesh=None, cache_dtype=None):
-        self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
-        self.mesh, self.cache_dtype = mesh, cache_dtype
-        self.cfg = graphdef.cfg if hasattr(graphdef, "cfg") else nnx.merge(graphdef, params).cfg
-        self.max_len = self.cfg.max_len
-        self.row_multiple = 1
-        if mesh is not None:
-            from lm import sharding
-            self.row_multiple = sharding.devices_along(
-                sharding.logical_to_spec(("batch",), sharding.RULES), mesh.shape)
+        self.graphdef, self.params, self.tokenizer, self.mesh = graphdef, params, tokenizer, mesh
+        model = nnx.merge(graphdef, params)
+        self.cfg, self.max_len = model.cfg, model.cfg.max_len
+        self.cache_dtype = cache_dtype or model.precision.compute_dtype  # or "int8"
+        self.row_multiple = 1 if mesh is None else sharding.devices_along(
+            sharding.logical_to_spec(("batch",), sharding.RULES), mesh.shape)
 
     def replace(self, **changes) -> "Engine":
         """A copy with other params / tokenizer / mesh / cache_dtype (e.g. int8 weights)."""
-        kw = dict(params=self.params, tokenizer=self.tokenizer, mesh=self.mesh,
-                  cache_dtype=self.cache_dtype) | changes
-        return Engine(self.graphdef, kw.pop("params"), kw.pop("tokenizer"), **kw)
+        return Engine(self.graphdef, **dict(params=self.params, tokenizer=self.tokenizer,
+                                            mesh=self.mesh, cache_dtype=self.cache_dtype) | changes)
 
     def context(self):
         """The mesh and the logical rules the model's constraints need (nothing on 1 device)."""
         stack = contextlib.ExitStack()
         if self.mesh is not None:
-            from lm import sharding
             stack.enter_context(jax.set_mesh(self.mesh))
             stack.enter_context(nnx.logical_axis_rules(sharding.RULES))
         return stack
 
     @classmethod
-    def from_checkpoint(cls, path: str, mesh=None, cache_dtype=None) -> "Engine":
+    def from_checkpoint(cls, path: str, mesh=None, cache_dtype=None,
+                        int8_weights: bool = False) -> "Engine":
         """A training workdir (its latest checkpoint), its checkpoints/ or one checkpoints/STEP
         directory; the tokenizer from the workdir when it has one. With a `mesh` the parameters
-        are restored sharded (tensor / fsdp as the training rules say) onto it."""
-        from lm import sharding
+        are restored sharded (tensor / fsdp as the training rules say) onto it; `int8_weights`:
+        weight-only int8 matmul weights (`lm.quantize`)."""
+        # orbax is slow to import, and lm.model stays out of lm.export.load's imports.
         from lm.checkpoint import restore_params, run_config_of
-        from lm.data import tokenizer as tokenizers
+        from lm.model import abstract_model
         run, workdir = run_config_of(path)
-        with nnx.logical_axis_rules(()):
-            graphdef, abstract = nnx.split(nnx.eval_shape(
-                lambda: Transformer(run.model, rngs=nnx.Rngs(0))))
-        if mesh is None:
-            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: one, abstract)
-        else:
-            shardings = sharding.param_shardings(abstract, mesh, sharding.RULES)
+        graphdef, abstract = abstract_model(run.model, run.precision)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = (jax.tree.map(lambda _: one, abstract) if mesh is None
+                     else sharding.param_shardings(abstract, mesh, sharding.RULES))
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, shardings)
         _, params = restore_params(path, abstract)
+        params = quantize(params) if int8_weights else params
         tok = None
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError):
             tok = tokenizers.from_workdir(workdir)
-        except (OSError, ValueError, KeyError):
-            pass
         return cls(graphdef, params, tok, mesh=mesh, cache_dtype=cache_dtype)
 
     def check(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> None:
@@ -260,175 +314,129 @@ class Engine:
             sampling = [sampling] * len(prompts)
         self.check(prompts, sampling)
         n = len(prompts)
-        b = _bucket(max(n, self.row_multiple))
-        p = min(_bucket(max(len(x) for x in prompts)), self.max_len)
-        steps = max(sp.max_new_tokens for sp in sampling)
-        steps = min(_bucket(steps), self.max_len)
-        pad = lambda xs, fill: xs + [fill] * (b - n)
-        prompt_bp = np.zeros((b, p), np.int32)
-        for i, ids in enumerate(prompts):
-            prompt_bp[i, :len(ids)] = ids
-        stop_w = max([len(sp.stop_ids) for sp in sampling] + [1])
-        stop_bs = np.full((b, stop_w), -1, np.int32)
-        for i, sp in enumerate(sampling):
-            stop_bs[i, :len(sp.stop_ids)] = sp.stop_ids
+        b = bucket(max(n, self.row_multiple))
+        p = min(bucket(max(len(x) for x in prompts)), self.max_len)
+        steps = min(bucket(max(sp.max_new_tokens for sp in sampling)), self.max_len)
+        prompt_bp = _padded(prompts, (b, p))
+        stop_bs = _padded([sp.stop_ids for sp in sampling],
+                          (b, max([len(sp.stop_ids) for sp in sampling] + [1])), -1)
+        pad = lambda xs, fill: np.array(xs + [fill] * (b - n), np.int32)  # noqa: E731
         with self.context():
             out_bn, count_b = _generate(
-                self.graphdef, self.params, jnp.asarray(prompt_bp),
-                jnp.asarray(pad([len(x) for x in prompts], 1), jnp.int32),
-                jnp.asarray(pad([sp.max_new_tokens for sp in sampling], 0), jnp.int32),
-                jnp.asarray(pad([sp.temperature for sp in sampling], 0.0), jnp.float32),
-                jnp.asarray(pad([sp.top_k for sp in sampling], 0), jnp.int32),
-                jnp.asarray(pad([sp.top_p for sp in sampling], 1.0), jnp.float32),
-                jnp.asarray(pad([sp.seed for sp in sampling], 0), jnp.uint32),
-                jnp.asarray(stop_bs), cache_len=min(self.max_len, _bucket(p + steps)),
-                steps=steps,
+                self.graphdef, self.params, prompt_bp, pad([len(x) for x in prompts], 1),
+                pad([sp.max_new_tokens for sp in sampling], 0), SamplingRows.of(sampling, b),
+                stop_bs, cache_len=min(self.max_len, bucket(p + steps)), steps=steps,
                 cache_dtype=self.cache_dtype)
         out_bn, count_b = np.asarray(out_bn), np.asarray(count_b)
-        result = []
-        for i, sp in enumerate(sampling):
-            ids = [int(t) for t in out_bn[i] if t >= 0][:int(count_b[i])]
-            if sp.stop and self.tokenizer is not None:
-                ids = _cut_at_stop(ids, sp.stop, self.tokenizer)
-            result.append(ids)
-        return result
+        result = [out_bn[i, :count_b[i]].tolist() for i in range(n)]
+        if self.tokenizer is None:
+            return result
+        return [_ids_through_stop(ids, sp.stop, self.tokenizer) if sp.stop else ids
+                for ids, sp in zip(result, sampling)]
+
+    def prefill_fn(self, params, tokens_bp, lengths_b):
+        """`prefill` into a fresh cache of max_len positions: what a slot (and an export)
+        starts from. Returns (logits [b, V], cache)."""
+        cache = _empty_cache(self.cfg, tokens_bp.shape[0], self.max_len, self.cache_dtype)
+        return prefill(nnx.merge(self.graphdef, params), tokens_bp, lengths_b, cache)
+
+    def decode_fn(self, params, tokens_b, positions_b, cache):
+        """`decode_step` as a function of the parameters (for DecodeSlots and lm.export)."""
+        return decode_step(nnx.merge(self.graphdef, params), tokens_b, positions_b, cache)
 
     def slots(self, num_slots: int) -> "DecodeSlots":
-        """`num_slots` decode rows of one KV cache for continuous batching."""
-        graphdef, cfg, dtype = self.graphdef, self.cfg, self.cache_dtype
-
-        def prefill_fn(params, tokens_bp, lengths_b):
-            cache = init_cache(cfg, tokens_bp.shape[0], cfg.max_len, dtype)
-            return prefill(nnx.merge(graphdef, params), tokens_bp, lengths_b, cache)
-
-        def decode_fn(params, tokens_b, positions_b, cache):
-            return decode_step(nnx.merge(graphdef, params), tokens_b, positions_b, cache)
-
+        """`num_slots` decode rows of one KV cache for continuous batching (rounded up to a
+        multiple of the devices the batch is split over)."""
         num_slots = -(-num_slots // self.row_multiple) * self.row_multiple
-        with self.context():
-            empty = jax.jit(lambda: init_cache(cfg, num_slots, cfg.max_len, dtype))
-        return DecodeSlots(prefill_fn, decode_fn, self.params, empty, self.context)
+        empty = jax.jit(lambda: _empty_cache(self.cfg, num_slots, self.max_len,
+                                             self.cache_dtype))
+        return DecodeSlots(self.prefill_fn, self.decode_fn, self.params, empty, self.context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous batching
 
 
 class DecodeSlots:
     """Continuous batching: the rows ("slots") of one preallocated KV cache, which requests
     enter (`insert`: prefill into a free row) and leave while the others keep decoding
-    (`step`: one token for every row at once; rows nobody uses compute and are ignored).
+    (`step`: `decode_and_sample` for every row at once; free rows compute and are ignored).
 
     prefill_fn(params, tokens [1, p], lengths [1]) -> (logits [1, V], a one-row cache) and
     decode_fn(params, tokens [s], positions [s], cache) -> (logits [s, V], cache) are the model's
     (`Engine.slots`) or the exported functions' (`lm.export.Exported.slots`). A request's
-    tokens equal what `Engine.generate` gives it alone: the same keys (seed, token index)."""
+    tokens equal what `Engine.generate` gives it alone: the same sampler and keys."""
 
     def __init__(self, prefill_fn, decode_fn, params, empty_cache,
                  context=contextlib.nullcontext):
-        """`empty_cache()` makes the [layers, slots, max_len, ...] cache (again after a
-        failure: `reset`)."""
+        """`empty_cache()` makes the [layers, slots, max_len, ...] cache (again in `reset`)."""
         self.params, self.context, self._empty = params, context, empty_cache
-        with context():
-            cache = self.cache = empty_cache()
-        self.num_slots = jax.tree.leaves(cache)[0].shape[1]
-        self.max_len = jax.tree.leaves(cache)[0].shape[2]
-        s = self.num_slots
-        self.tokens = np.zeros(s, np.int32)
-        self.positions = np.zeros(s, np.int32)
-        self.counts = np.zeros(s, np.int32)
-        self.seeds = np.zeros(s, np.uint32)
-        self.temperature = np.zeros(s, np.float32)
-        self.top_k = np.zeros(s, np.int32)
-        self.top_p = np.ones(s, np.float32)
+        self.reset()
+        self.tokens = np.zeros(self.num_slots, np.int32)  # each row's last token
+        self.positions = np.zeros(self.num_slots, np.int32)  # where it goes
+        self.counts = np.zeros(self.num_slots, np.int32)  # tokens generated so far
         self._prefill = jax.jit(prefill_fn)
+        self._step = jax.jit(lambda params, cache, *rest: decode_and_sample(
+            functools.partial(decode_fn, params), cache, *rest), donate_argnums=1)
+        self._insert = jax.jit(lambda cache, row, slot: jax.tree.map(  # row: a one-row cache
+            lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, 1),
+            cache, row), donate_argnums=0)
+        self._sample = jax.jit(sample_next)
 
-        def step(params, cache, tokens, positions, seeds, counts, temperature, top_k, top_p):
-            logits, cache = decode_fn(params, tokens, positions, cache)
-            return sample_tokens(logits, _keys(seeds, counts), temperature, top_k, top_p), cache
-
-        def insert(cache, row, slot):
-            return jax.tree.map(
-                lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, 1),
-                cache, row)
-
-        self._step = jax.jit(step, donate_argnums=1)
-        self._insert = jax.jit(insert, donate_argnums=0)
-        self._sample = jax.jit(lambda logits, seed, t, k, p: sample_tokens(
-            logits, _keys(seed, jnp.zeros_like(seed)), t, k, p))
+    def _width(self, n: int) -> int:
+        """The prefill width of an n-token prompt (one compiled prefill per width)."""
+        return min(bucket(n), self.max_len)
 
     def insert(self, slot: int, prompt: list[int], sp: SamplingParams) -> int:
         """Prefills `prompt` into row `slot`; returns its first generated token."""
         n = len(prompt)
         if not 0 < n < self.max_len:
             raise ValueError(f"a prompt of {n} tokens does not fit a context of {self.max_len}")
-        tokens = np.zeros((1, min(_bucket(n), self.max_len)), np.int32)
-        tokens[0, :n] = prompt
+        tokens_1p = _padded([prompt], (1, self._width(n)))
         with self.context():
-            logits, row = self._prefill(self.params, jnp.asarray(tokens),
-                                        jnp.asarray([n], jnp.int32))
+            logits_1v, row = self._prefill(self.params, jnp.asarray(tokens_1p),
+                                           jnp.asarray([n], jnp.int32))
             self.cache = self._insert(self.cache, row, jnp.int32(slot))
-            first = int(self._sample(logits, jnp.asarray([sp.seed], jnp.uint32),
-                                     jnp.asarray([sp.temperature], jnp.float32),
-                                     jnp.asarray([sp.top_k], jnp.int32),
-                                     jnp.asarray([sp.top_p], jnp.float32))[0])
+            first = int(self._sample(logits_1v, jnp.zeros(1, jnp.int32),
+                                     SamplingRows.of([sp], 1))[0])
         self.tokens[slot], self.positions[slot], self.counts[slot] = first, n, 1
-        self.seeds[slot], self.temperature[slot] = sp.seed, sp.temperature
-        self.top_k[slot], self.top_p[slot] = sp.top_k, sp.top_p
+        self.sampling[slot] = sp
         return first
 
     def release(self, slot: int) -> None:
         """Marks a row free: greedy, so that the sampling masks are skipped while only greedy
         requests run (the row is still computed and ignored)."""
-        self.temperature[slot], self.top_k[slot], self.top_p[slot] = 0.0, 0, 1.0
+        self.sampling[slot] = SamplingParams()
 
     def reset(self) -> None:
         """A fresh cache and free rows, after a failed step or insert (whose donated cache may
         be gone)."""
         with self.context():
             self.cache = self._empty()
-        for slot in range(self.num_slots):
-            self.release(slot)
+        self.num_slots, self.max_len = jax.tree.leaves(self.cache)[0].shape[1:3]
+        self.sampling = [SamplingParams()] * self.num_slots  # free rows are greedy: `release`
 
     def step(self) -> np.ndarray:
         """Feeds every row its last token; returns each row's next token [num_slots]."""
         with self.context():
             nxt, self.cache = self._step(
-                self.params, self.cache, jnp.asarray(self.tokens),
-                jnp.asarray(np.minimum(self.positions, self.max_len - 1)),
-                jnp.asarray(self.seeds), jnp.asarray(self.counts),
-                jnp.asarray(self.temperature), jnp.asarray(self.top_k),
-                jnp.asarray(self.top_p))
+                self.params, self.cache, jnp.asarray(self.tokens), jnp.asarray(self.positions),
+                jnp.asarray(self.counts), SamplingRows.of(self.sampling, self.num_slots))
         self.tokens = np.array(nxt)
         self.positions += 1
         self.counts += 1
         return self.tokens.copy()
 
-
-def _bucket(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def _cut_at_stop(ids: list[int], stop: tuple[str, ...], tokenizer) -> list[int]:
-    """The shortest prefix of `ids` whose text contains a stop string, minus the tokens that
-    complete it (the text is then cut before the stop string by `text_of`)."""
-    for j in range(1, len(ids) + 1):
-        text = tokenizer.decode(np.asarray(ids[:j]))
-        if any(s in text for s in stop):
-            return ids[:j]
-    return ids
-
-
-def text_of(ids: list[int], tokenizer, stop: tuple[str, ...] = ()) -> str:
-    text = tokenizer.decode(np.asarray(ids, np.int32))
-    for s in stop:
-        if s in text:
-            text = text[:text.index(s)]
-    return text
+    def warm_up(self) -> None:
+        """Compiles every prefill width and the decode step (before a server's first request),
+        then frees the rows."""
+        for width in sorted({self._width(n) for n in range(1, self.max_len)}):
+            self.insert(0, [0] * min(width, self.max_len - 1), SamplingParams())
+        self.step()
+        self.reset()
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import json
-    import sys
-
-    from lm.config import ConfigError
     parser = argparse.ArgumentParser(prog="python -m lm.generate",
                                      description="Generate text from a checkpoint.")
     parser.add_argument("--checkpoint", required=True,
@@ -454,11 +462,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
         if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
             raise ConfigError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
-        engine = Engine.from_checkpoint(args.checkpoint,
+        engine = Engine.from_checkpoint(args.checkpoint, int8_weights=args.quantize == "int8",
                                         cache_dtype="int8" if args.kv_cache == "int8" else None)
-        if args.quantize == "int8":
-            from lm.quantize import quantize
-            engine = engine.replace(params=quantize(engine.params))
         tok = engine.tokenizer
         if args.prompt_ids is not None:
             try:
@@ -472,8 +477,7 @@ def main(argv: list[str] | None = None) -> None:
             prompt = [int(x) for x in tok.encode_prompt(args.prompt)]
         sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            stop_ids=(tok.eod_id,) if tok is not None else (),
-                            stop=tuple(args.stop))
+                            stop_ids=default_stop_ids(tok), stop=tuple(args.stop))
         ids = engine.generate([prompt], sp)[0]
     except (ConfigError, ValueError) as e:
         print(f"lm.generate: error: {e}", file=sys.stderr)

@@ -505,8 +505,6 @@ def abstract_model(cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfi
         return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, precision, rngs=nnx.Rngs(0))))
 
 
-def param_count(model_or_params) -> int:
-    """Number of parameters of a model or a parameter tree (abstract ones too)."""
-    if isinstance(model_or_params, nnx.Module):
-        model_or_params = nnx.state(model_or_params, nnx.Param)
-    return sum(x.size for x in jax.tree.leaves(model_or_params))
+def param_count(params) -> int:
+    """Number of parameters in a tree of them (abstract ones too)."""
+    return sum(x.size for x in jax.tree.leaves(params))

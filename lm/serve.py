@@ -8,223 +8,50 @@
                            top_p, top_k (extension), stop, seed, n, stream (server-sent events)
     GET  /v1/models, /health, /metrics (Prometheus text)
 
-One scheduler thread owns the model: `--max-batch-size` decode slots (rows of one KV cache,
-`lm.generate.DecodeSlots`). Each loop it moves queued requests into free slots (a prefill each)
-and then runs one decode step for every slot at once, so a new request joins while the others
-keep decoding (continuous batching). When the server is idle, the first request waits up to
-`--max-queue-delay-ms` for others to arrive so that they start together. A request that does not
-fit the queue (`--max-queue-size` sequences waiting) gets 429 at once; one not finished within
-`--timeout-s` gets 503 and its slot is freed; a bad request gets 400 naming the field. Every
-accepted request is answered.
+This file is the HTTP layer: it parses a request into `lm.scheduler.Sequence`s (one per prompt
+and choice), submits them to the `lm.scheduler.Scheduler` (continuous batching over
+`--max-batch-size` decode slots, `lm.generate.DecodeSlots`) and answers with the events they
+produce, as JSON or as server-sent events. When the server is idle, the first request waits up
+to `--max-queue-delay-ms` for others to arrive so that they start together. A request that does
+not fit the queue (`--max-queue-size` sequences waiting) gets 429 at once; one not finished
+within `--timeout-s` gets 503 and its slot is freed; a bad request gets 400 naming the field.
+Every accepted request is answered.
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import dataclasses
 import json
 import os
 import queue
 import secrets
+import signal
 import sys
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
+import jax
 import prometheus_client as prom
 
-from lm.generate import SamplingParams, _bucket
-
-
-class BadRequest(ValueError):
-    def __init__(self, param: str | None, message: str):
-        super().__init__(message)
-        self.param = param
-
-
-@dataclasses.dataclass(eq=False)
-class Sequence:
-    """One choice of one request, from the queue through a slot to its last token."""
-    index: int
-    prompt: list[int]
-    sampling: SamplingParams
-    events: queue.Queue  # shared by the request's sequences: (index, kind, value)
-    arrival: float
-    cancelled: threading.Event
-    ids: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""  # what has been sent (stop strings cut, incomplete characters held back)
-    finish_reason: str | None = None
-
-
-class Scheduler:
-    """Continuous batching over `slots` (a DecodeSlots) in a thread of its own."""
-
-    def __init__(self, slots, tokenizer, stop_ids: tuple[int, ...], max_queue_delay_s: float,
-                 max_queue_size: int, metrics: "Metrics"):
-        self.slots, self.tokenizer, self.stop_ids = slots, tokenizer, stop_ids
-        self.delay, self.max_queue_size, self.metrics = max_queue_delay_s, max_queue_size, metrics
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.cond = threading.Condition()
-        self.active: dict[int, Sequence] = {}
-        self.free = list(range(slots.num_slots))
-        self._stop = threading.Event()
-        self.failures = 0
-        self.thread = threading.Thread(target=self._loop, name="lm-scheduler", daemon=True)
-
-    def submit(self, seqs: list[Sequence]) -> bool:
-        """Queues all of a request's sequences, or none (False: the queue is full)."""
-        with self.cond:
-            if len(self.waiting) + len(seqs) > self.max_queue_size:
-                return False
-            self.waiting.extend(seqs)
-            self.metrics.queue_size.set(len(self.waiting))
-            self.cond.notify()
-        return True
-
-    def start(self):
-        self.thread.start()
-
-    def stop(self):
-        self._stop.set()
-        with self.cond:
-            self.cond.notify()
-        self.thread.join(timeout=10)
-
-    def _take(self) -> list[Sequence]:
-        """The sequences to start now: as many as there are free slots. Idle, wait for the
-        first and then up to the queue delay (from its arrival) for more."""
-        with self.cond:
-            if not self.active:
-                while not self.waiting and not self._stop.is_set():
-                    self.cond.wait(timeout=0.5)
-                if self.waiting:
-                    deadline = self.waiting[0].arrival + self.delay
-                    while (len(self.waiting) < len(self.free) and not self._stop.is_set()
-                           and (left := deadline - time.monotonic()) > 0):
-                        self.cond.wait(timeout=left)
-            taken = []
-            while self.waiting and len(taken) < len(self.free):
-                taken.append(self.waiting.popleft())
-            self.metrics.queue_size.set(len(self.waiting))
-            return taken
-
-    def _loop(self):
-        while not self._stop.is_set():
-            for seq in self._take():
-                if seq.cancelled.is_set():
-                    continue
-                slot = self.free.pop()
-                self.metrics.queue_seconds.observe(time.monotonic() - seq.arrival)
-                try:
-                    first = self.slots.insert(slot, seq.prompt, seq.sampling)
-                except Exception as e:  # noqa: BLE001 (a failure must not stop the server)
-                    self.free.append(slot)
-                    seq.events.put((seq.index, "error", f"prefill failed: {e}"))
-                    self._fail_all(f"prefill of another request failed: {e}")
-                    continue
-                self.metrics.ttft.observe(time.monotonic() - seq.arrival)
-                self.active[slot] = seq
-                self._accept(slot, seq, first)
-            for slot, seq in list(self.active.items()):
-                if seq.cancelled.is_set():
-                    self._release(slot)
-            self.metrics.slots_in_use.set(len(self.active))
-            if not self.active:
-                continue
-            self.metrics.batch_size.observe(len(self.active))
-            try:
-                tokens = self.slots.step()
-            except Exception as e:  # noqa: BLE001 (answer everyone, keep serving)
-                self._fail_all(f"decode failed: {e}")
-                continue
-            for slot, seq in list(self.active.items()):
-                self._accept(slot, seq, int(tokens[slot]))
-
-    def _fail_all(self, message: str):
-        """Answers every running sequence with an error and starts from a fresh cache (a failed
-        step may have consumed the donated one)."""
-        for slot, seq in list(self.active.items()):
-            seq.events.put((seq.index, "error", message))
-            self._release(slot)
-        self.slots.reset()
-        self.failures += 1
-
-    def drain(self, timeout: float):
-        """Waits (at shutdown) until every queued and running sequence is answered."""
-        deadline = time.monotonic() + timeout
-        while (self.waiting or self.active) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def _accept(self, slot: int, seq: Sequence, token: int):
-        """Records a sequence's next token; sends the new text and finishes it when due."""
-        if token in self.stop_ids:
-            if self.tokenizer is not None:  # send the text held back for a stop string
-                text = self.tokenizer.decode(np.asarray(seq.ids, np.int32))
-                cut = min((text.index(s) for s in seq.sampling.stop if s in text),
-                          default=len(text))
-                if text[:cut] != seq.text:
-                    seq.events.put((seq.index, "delta", (text[:cut][len(seq.text):], [])))
-                    seq.text = text[:cut]
-            return self._finish(slot, seq, "stop")
-        seq.ids.append(token)
-        self.metrics.tokens.inc()
-        reason = "length" if len(seq.ids) >= seq.sampling.max_new_tokens else None
-        if self.tokenizer is None:
-            seq.events.put((seq.index, "delta", ("", [token])))
-        else:
-            text = self.tokenizer.decode(np.asarray(seq.ids, np.int32))
-            cut = min((text.index(s) for s in seq.sampling.stop if s in text), default=None)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-            elif reason is None:
-                text = _hold_back(text, seq.sampling.stop)
-            seq.events.put((seq.index, "delta", (text[len(seq.text):], [token])))
-            seq.text = text
-        if reason:
-            self._finish(slot, seq, reason)
-
-    def _finish(self, slot: int, seq: Sequence, reason: str):
-        seq.finish_reason = reason
-        seq.events.put((seq.index, "done", reason))
-        self._release(slot)
-
-    def _release(self, slot: int):
-        del self.active[slot]
-        self.free.append(slot)
-        self.slots.release(slot)
-
-
-def _hold_back(text: str, stops: tuple[str, ...]) -> str:
-    """`text` minus an ending that may still grow into a stop string or a character."""
-    text = text.rstrip("\ufffd")
-    for n in range(min(len(text), max((len(s) for s in stops), default=0)), 0, -1):
-        if any(s.startswith(text[-n:]) for s in stops):
-            return text[:-n]
-    return text
-
-
-class Metrics:
-    def __init__(self):
-        self.registry = r = prom.CollectorRegistry()
-        self.requests = prom.Counter("lm_requests", "HTTP completion requests by status",
-                                     ["status"], registry=r)
-        self.queue_seconds = prom.Histogram(
-            "lm_queue_seconds", "Time from arrival to a decode slot", registry=r,
-            buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.ttft = prom.Histogram(
-            "lm_time_to_first_token_seconds", "Time from arrival to the first token", registry=r,
-            buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.tokens = prom.Counter("lm_generated_tokens", "Tokens generated", registry=r)
-        self.batch_size = prom.Histogram("lm_batch_size", "Sequences in each decode step",
-                                         registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.slots_in_use = prom.Gauge("lm_slots_in_use", "Decode slots in use", registry=r)
-        self.queue_size = prom.Gauge("lm_queue_size", "Sequences waiting for a slot", registry=r)
+from lm import sharding
+from lm.config import ConfigError, MeshConfig
+from lm.export import load as load_export
+from lm.generate import DecodeSlots, Engine, SamplingParams, default_stop_ids
+from lm.scheduler import Metrics, Scheduler, Sequence
 
 
 # ---------------------------------------------------------------------------------------------
 # Requests
+
+
+class BadRequest(ValueError):
+    """A request a client can fix: 400, naming the field (`param`)."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
+
 
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n",
           "stream", "user", "stream_options"}
@@ -330,15 +157,16 @@ def _prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
 
 
 class Server(ThreadingHTTPServer):
+    """The HTTP front of one `Scheduler`; each connection is served by a thread of its own."""
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address, scheduler: Scheduler, *, model_name: str, max_len: int,
-                 vocab_size: int, tokenizer, timeout_s: float, metrics: Metrics):
+    def __init__(self, address, scheduler: Scheduler, *, model_name: str, vocab_size: int,
+                 timeout_s: float):
         super().__init__(address, Handler)
-        self.scheduler, self.model_name, self.max_len = scheduler, model_name, max_len
-        self.vocab_size, self.tokenizer, self.timeout_s = vocab_size, tokenizer, timeout_s
-        self.metrics = metrics
+        self.scheduler, self.model_name, self.timeout_s = scheduler, model_name, timeout_s
+        self.vocab_size, self.tokenizer = vocab_size, scheduler.tokenizer
+        self.max_len, self.metrics = scheduler.slots.max_len, scheduler.metrics
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -348,13 +176,15 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
         pass
 
-    def _send_json(self, status: int, obj) -> None:
-        data = json.dumps(obj).encode()
+    def _send(self, status: int, data: bytes, content_type="application/json") -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _send_json(self, status: int, obj) -> None:
+        self._send(status, json.dumps(obj).encode())
 
     def _error(self, status: int, message: str, param=None, kind="invalid_request_error"):
         if self.path.startswith("/v1/completions"):
@@ -369,16 +199,10 @@ class Handler(BaseHTTPRequestHandler):
             alive = sched.thread.is_alive()
             self._send_json(200 if alive else 503, {
                 "status": "ok" if alive else "scheduler stopped", "slots": sched.slots.num_slots,
-                "failed_steps": sched.failures,
-                                  "slots_in_use": len(sched.active),
-                                  "queue": len(sched.waiting)})
+                "failed_steps": sched.failures, "slots_in_use": len(sched.active),
+                "queue": len(sched.waiting)})
         elif self.path == "/metrics":
-            data = prom.generate_latest(srv.metrics.registry)
-            self.send_response(200)
-            self.send_header("Content-Type", prom.CONTENT_TYPE_LATEST)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._send(200, prom.generate_latest(srv.metrics.registry), prom.CONTENT_TYPE_LATEST)
         elif self.path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [
                 {"id": srv.model_name, "object": "model", "owned_by": "lm",
@@ -423,7 +247,7 @@ class Handler(BaseHTTPRequestHandler):
         if stream:
             self._stream(seqs, head, deadline)
         else:
-            self._complete(seqs, prompts, n, head, deadline)
+            self._complete(seqs, prompts, head, deadline)
 
     def _events(self, seqs, deadline):
         """(index, kind, value) until every sequence is done; None when the deadline passes."""
@@ -440,7 +264,7 @@ class Handler(BaseHTTPRequestHandler):
                 open_ -= 1
             yield item
 
-    def _complete(self, seqs, prompts, n, head, deadline):
+    def _complete(self, seqs, prompts, head, deadline):
         errors = []
         for item in self._events(seqs, deadline):
             if item is None:
@@ -507,50 +331,36 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------------------------
+# Building and running a server
 
 
-def build(args):
-    """(slots, tokenizer, max_len, vocab_size) from --checkpoint or --export."""
-    if args.export:
-        from lm.export import load
-        exported = load(args.export)
-        if args.quantize != "none" or args.kv_cache != "auto" or args.data * args.tensor > 1:
+def build(checkpoint: str | None = None, export: str | None = None, *, max_batch_size: int = 8,
+          quantize: str = "none", kv_cache: str = "auto", data: int = 1,
+          tensor: int = 1) -> tuple[DecodeSlots, object, int]:
+    """(`max_batch_size` decode slots, the tokenizer (None: token ids only), the vocabulary size
+    (prompt ids are checked against it)) for a checkpoint (`quantize="int8"`: int8 weights;
+    `kv_cache="int8"`: an int8 cache; split over `data` x `tensor` devices) or for an export
+    directory, which is served as it was exported."""
+    if (checkpoint is None) == (export is None):
+        raise ValueError("serve a checkpoint or an export directory (one of them)")
+    if export is not None:
+        if quantize != "none" or kv_cache != "auto" or data * tensor > 1:
             raise ValueError("--quantize, --kv-cache, --data and --tensor apply to --checkpoint; "
                              "an export is served as it was exported")
-        return (exported.slots(args.max_batch_size), exported.tokenizer, exported.max_len,
-                exported.meta["vocab_size"])
-    from lm.generate import Engine
-    mesh = None
-    if args.data * args.tensor > 1:
-        from lm import sharding
-        from lm.config import MeshConfig
-        import jax
-        n = args.data * args.tensor
-        if n > jax.device_count():
-            raise ValueError(f"--data {args.data} x --tensor {args.tensor} needs {n} devices; "
-                             f"{jax.device_count()} are visible")
-        mesh = sharding.make_mesh(MeshConfig(data=args.data, tensor=args.tensor),
-                                  jax.devices()[:n])
-    engine = Engine.from_checkpoint(args.checkpoint, mesh=mesh,
-                                    cache_dtype="int8" if args.kv_cache == "int8" else None)
-    if args.quantize == "int8":
-        from lm.quantize import quantize
-        engine = engine.replace(params=quantize(engine.params))
-    return engine.slots(args.max_batch_size), engine.tokenizer, engine.max_len, \
-        engine.cfg.vocab_size
-
-
-def warm_up(slots, max_len: int) -> None:
-    """Compiles the decode step and every prefill length bucket before the first request."""
-    widths = sorted({min(_bucket(n), max_len) for n in range(1, max_len)})
-    for width in widths:
-        slots.insert(0, [0] * min(width, max_len - 1), SamplingParams())
-    slots.step()
-    slots.reset()
+        exported = load_export(export)
+        return exported.slots(max_batch_size), exported.tokenizer, exported.meta["vocab_size"]
+    n = data * tensor
+    if n > jax.device_count():
+        raise ValueError(f"--data {data} x --tensor {tensor} needs {n} devices; "
+                         f"{jax.device_count()} are visible")
+    mesh = None if n == 1 else sharding.make_mesh(MeshConfig(data=data, tensor=tensor),
+                                                  jax.devices()[:n])  # the first n devices
+    engine = Engine.from_checkpoint(checkpoint, mesh=mesh, int8_weights=quantize == "int8",
+                                    cache_dtype="int8" if kv_cache == "int8" else None)
+    return engine.slots(max_batch_size), engine.tokenizer, engine.cfg.vocab_size
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lm.config import ConfigError
     p = argparse.ArgumentParser(prog="python -m lm.serve", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a training workdir or one checkpoint directory")
@@ -577,23 +387,21 @@ def main(argv: list[str] | None = None) -> None:
                                   f"{getattr(args, name)}")
         if args.timeout_s <= 0 or args.max_queue_delay_ms < 0:
             raise ConfigError("--timeout-s must be > 0 and --max-queue-delay-ms >= 0")
-        slots, tokenizer, max_len, vocab_size = build(args)
+        slots, tokenizer, vocab_size = build(
+            args.checkpoint, args.export, max_batch_size=args.max_batch_size,
+            quantize=args.quantize, kv_cache=args.kv_cache, data=args.data, tensor=args.tensor)
     except (ConfigError, ValueError, OSError) as e:
         print(f"lm.serve: error: {e}", file=sys.stderr)
         sys.exit(2)
-    warm_up(slots, max_len)
-    metrics = Metrics()
-    stop_ids = (tokenizer.eod_id,) if tokenizer is not None else ()
-    scheduler = Scheduler(slots, tokenizer, stop_ids, args.max_queue_delay_ms / 1000,
-                          args.max_queue_size, metrics)
+    slots.warm_up()
+    scheduler = Scheduler(slots, tokenizer, default_stop_ids(tokenizer),
+                          args.max_queue_delay_ms / 1000, args.max_queue_size, Metrics())
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint or args.export))
-    server = Server((args.host, args.port), scheduler, model_name=name, max_len=max_len,
-                    vocab_size=vocab_size, tokenizer=tokenizer, timeout_s=args.timeout_s,
-                    metrics=metrics)
+    server = Server((args.host, args.port), scheduler, model_name=name,
+                    vocab_size=vocab_size, timeout_s=args.timeout_s)
     scheduler.start()
     host, port = server.server_address[:2]
     print(f"lm.serve: {name} on http://{host}:{port} ({slots.num_slots} slots)", flush=True)
-    import signal
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()

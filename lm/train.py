@@ -45,21 +45,13 @@ from lm.tracking import Tracker
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """What a train step changes and a checkpoint holds; a pytree, so jit, shardings and orbax
-    see its fields by name.
-
-    step        int32 scalar: steps taken (skipped ones included)
-    params      the model's parameters (an nnx.State) in precision.param_dtype
-    opt_state   the optimizer's state, over `master` when it is kept
-    loss_scale  `LossScale`'s dict of scalars
-    master      with precision.master_weights, the float32 parameters the optimizer updates
-                (`params` are their rounded copy); else None
-    """
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    loss_scale: dict[str, jax.Array]
-    master: Any = None
+    """What a train step changes and a checkpoint holds (a pytree: jit, shardings and orbax see
+    its fields by name)."""
+    step: jax.Array  # int32: steps taken, skipped ones included
+    params: Any  # the model's nnx.State, in precision.param_dtype
+    opt_state: Any  # the optimizer's, over `master` when kept
+    loss_scale: dict[str, jax.Array]  # LossScale's scalars
+    master: Any = None  # precision.master_weights: float32 parameters; `params` their rounding
 
     def replace(self, **changes) -> "TrainState":
         return dataclasses.replace(self, **changes)
@@ -82,10 +74,7 @@ class StepParts:
 @dataclasses.dataclass
 class Trainer:
     """The jitted functions and shardings of one run; built once, before the loop."""
-    run: RunConfig
-    mesh: jax.sharding.Mesh
     graphdef: Any
-    tx: optax.GradientTransformation
     state_sharding: TrainState
     init: Any        # () -> TrainState
     init_from_params: Any  # params -> TrainState (fresh optimizer state around given parameters)
@@ -203,6 +192,7 @@ def eval_step(parts: StepParts, params, batch_bt) -> jax.Array:
 
 def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     """Traces nothing yet: works out shapes and shardings abstractly and wraps the jits."""
+    pipe = _pipeline(run, mesh)  # its layout errors first: they say more than a sharding's
     tx = make_optimizer(run.optim, run.train.steps)
     scaler = LossScale(run.precision, run.precision.dynamic)
     lay = sharding.layout(run.mesh.rules)
@@ -212,7 +202,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     replicated = NamedSharding(mesh, P())
     batch_axes = sharding.batch_sharding(mesh).spec[0]
     parts = StepParts(
-        graphdef=graphdef, tx=tx, scaler=scaler, layout=lay, pipeline=_pipeline(run, mesh),
+        graphdef=graphdef, tx=tx, scaler=scaler, layout=lay, pipeline=pipe,
         microbatches=run.train.microbatches,
         micro_sharding=NamedSharding(mesh, P(None, batch_axes)),
         grad_sharding=(sharding.param_shardings(abs_params, mesh, lay.opt)
@@ -223,7 +213,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     make_params = lambda: nnx.state(Transformer(run.model, run.precision,
                                                 rngs=nnx.Rngs(params=run.train.seed)))
     return Trainer(
-        run=run, mesh=mesh, graphdef=graphdef, tx=tx, state_sharding=state_sharding,
+        graphdef=graphdef, state_sharding=state_sharding,
         init=jax.jit(lambda: fresh(make_params()), out_shardings=state_sharding),
         init_from_params=jax.jit(fresh, out_shardings=state_sharding),
         train_step=jax.jit(functools.partial(train_step, parts), donate_argnums=(0,),
@@ -341,27 +331,26 @@ def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train
 
 
 def _record(metrics: dict, lr, step: int, tokens_per_s: float) -> dict[str, float]:
-    """A metrics.jsonl / TensorBoard record of the step's metrics (on the host)."""
+    """A metrics.jsonl / TensorBoard record of a step's metrics (on the host)."""
+    skipped = int(metrics["skipped_steps"])
     # The schedule follows the optimizer's count, which skipped steps do not advance.
-    applied = step - 1 - int(metrics["skipped_steps"])
-    return {"loss": float(metrics["loss"]), "lr": float(lr(applied)),
-            "grad_norm": float(metrics["grad_norm"]),
-            "loss_scale": float(metrics["loss_scale"]),
-            "skipped_steps": int(metrics["skipped_steps"]), "tokens_per_s": tokens_per_s}
+    return {k: float(v) for k, v in metrics.items()} | {
+        "lr": float(lr(step - 1 - skipped)), "skipped_steps": skipped,
+        "tokens_per_s": tokens_per_s}
 
 
 class _Throughput:
-    """Tokens per second over the steps since the last log, not counting the first step (it
-    compiles) or evaluation."""
+    """Tokens per second over the steps since the last `rate()`, not counting the first step
+    (it compiles) or evaluation (`restart`)."""
 
     def __init__(self, tokens_per_step: int):
         self.tokens_per_step, self.start, self.steps = tokens_per_step, None, 0
 
     def tick(self, metrics) -> None:
-        self.steps += 1
-        if self.start is None:
+        if self.start is None:  # count from the end of the first step
             jax.block_until_ready(metrics)
-            self.restart()
+            return self.restart()
+        self.steps += 1
 
     def restart(self) -> None:
         self.start, self.steps = time.perf_counter(), 0
@@ -577,19 +566,14 @@ def main(argv: list[str] | None = None) -> None:
         sys_argv=argv)
     workdir = flags.DEFINE_string("workdir", None, "output directory", flag_values=flag_values)
     # Multi-process runs (lm.distributed): flags, else LM_* / SLURM / Open MPI environment.
-    coordinator = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0",
-                                      flag_values=flag_values)
-    num_processes = flags.DEFINE_integer("num_processes", None, "processes in the run",
-                                         flag_values=flag_values)
-    process_id = flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1",
-                                      flag_values=flag_values)
-    local_device_ids = flags.DEFINE_string("local_device_ids", None,
-                                           "comma-separated devices of this process",
-                                           flag_values=flag_values)
+    processes = [define(name, None, about, flag_values=flag_values) for define, name, about in (
+        (flags.DEFINE_string, "coordinator", "HOST:PORT of process 0"),
+        (flags.DEFINE_integer, "num_processes", "processes in the run"),
+        (flags.DEFINE_integer, "process_id", "this process, 0..num_processes-1"),
+        (flags.DEFINE_string, "local_device_ids", "comma-separated devices of this process"))]
     try:
         flag_values(argv)
-        distributed.initialize(coordinator.value, num_processes.value, process_id.value,
-                               local_device_ids.value)
+        distributed.initialize(*(f.value for f in processes))
         if config_flag.value is None:
             raise ConfigError("--config is required, e.g. --config configs/tiny.py")
         if workdir.value is None:

@@ -83,6 +83,7 @@ BASE = os.path.join(ROOT, "configs/base.py")
     ("precision.loss_scale", "static", "precision.loss_scale"),
     ("precision.master_weights", True, "precision.master_weights"),  # with float32 params
     ("precision.backoff_factor", 2.0, "precision.backoff_factor"),
+    ("optim.momentum", 1.0, r"'optim.momentum' must be >= 0 and < 1, got 1.0"),
     ("precision.param_dtype", "float16", "master_weights=True"),  # fp16 params need masters
     ("precision.loss_scal", "none", "precision.loss_scal"),  # unknown key
 ])
@@ -142,7 +143,7 @@ def test_a_key_declared_once_reaches_the_command_line_config_json_and_the_docs(
     @dataclasses.dataclass(frozen=True)
     class Train(config.TrainConfig):
         """The training loop (`lm/train.py`)."""
-        new_knob: int = config.key(3, "a knob only this test declares")
+        new_knob: int = config.key(3, "a knob only this test declares", ge=0)
 
     monkeypatch.setitem(config.SECTIONS, "train", Train)
     seen = []
@@ -150,10 +151,11 @@ def test_a_key_declared_once_reaches_the_command_line_config_json_and_the_docs(
     train.main(["--config", os.path.join(ROOT, "configs/tiny.py"), "--workdir", str(tmp_path),
                 "--config.train.new_knob=7"])
     assert seen[0].train.new_knob == 7
-    with pytest.raises(SystemExit) as exit_:  # and its type is checked like any other key
-        train.main(["--config", os.path.join(ROOT, "configs/tiny.py"), "--workdir",
-                    str(tmp_path), "--config.train.new_knob=seven"])
-    assert exit_.value.code == 2
+    for bad in ("seven", "-1"):  # its type and its bounds are checked like any other key's
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["--config", os.path.join(ROOT, "configs/tiny.py"), "--workdir",
+                        str(tmp_path), f"--config.train.new_knob={bad}"])
+        assert exit_.value.code == 2
 
     tracker = Tracker(str(tmp_path), 1, progress=False)
     tracker.log_hparams(seen[0].to_dict(), str(tmp_path))
@@ -163,7 +165,7 @@ def test_a_key_declared_once_reaches_the_command_line_config_json_and_the_docs(
     assert saved["train"]["new_knob"] == 7
     assert from_config_dict(ml_collections.ConfigDict(saved)).train.new_knob == 7
 
-    assert "| `train.new_knob` | int | `3` | a knob only this test declares |" in \
+    assert "| `train.new_knob` | int | `3` | >= 0 | a knob only this test declares |" in \
         config_reference.markdown()
 
     @dataclasses.dataclass(frozen=True)

@@ -189,7 +189,8 @@ def test_a_tensor_parallel_layer_compiles_to_megatrons_collectives(style):
     mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
     lay = sharding.layout("tp")
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.REPLICATED):
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Block(cfg, jnp.float32, rngs=nnx.Rngs(0))))
+        graphdef, abstract = nnx.split(nnx.eval_shape(
+            lambda: Block(cfg, jnp.float32, rngs=nnx.Rngs(0))))
     shardings = sharding.param_shardings(abstract, mesh, lay.params)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)

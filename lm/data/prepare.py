@@ -46,6 +46,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from lm.data import tokenizer as tokenizers
 
@@ -461,7 +462,6 @@ def prepare(inputs: list[str], out: str, *, tokenizer: str | None = None,
         tasks = [(i, units[i], out, dtype, text_field, val_fraction) for i in todo]
         todo_bytes = sum(p.size if p.gz else p.end - p.start for i in todo for p in units[i])
         workers = min(workers, max(len(tasks), 1))
-        from tqdm import tqdm
         bar = tqdm(total=todo_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                    desc="tokenizing", disable=not progress, file=log, dynamic_ncols=True)
         init_args = (spec, out, workers > 1)

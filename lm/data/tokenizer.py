@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Iterable
 
 import numpy as np
+import tokenizers as hf  # Hugging Face `tokenizers` (Tokenizer below is ours)
 
 EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 # Names other tokenizers give the same roles (GPT-2, Llama 2, Llama 3, Gemma, BERT).
@@ -70,9 +71,8 @@ class BPETokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> BPETokenizer:
-        from tokenizers import Tokenizer
         try:
-            return cls(Tokenizer.from_file(path), path)
+            return cls(hf.Tokenizer.from_file(path), path)
         except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception)
             raise ValueError(f"cannot load tokenizer {path!r}: {e} (expected a Hugging Face "
                              "tokenizer.json)") from None
@@ -118,15 +118,14 @@ Tokenizer = ByteTokenizer | BPETokenizer
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     """Trains a byte-level BPE (GPT-2 pre-tokenization, no prefix space, so decode(encode(t)) == t
     for any text) with `vocab_size` entries including the eod and pad tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
     if vocab_size < len(byte_level.alphabet()) + 2:
         raise ValueError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
                          f"{len(byte_level.alphabet()) + 2} (256 bytes + eod + pad)")
-    tok = Tokenizer(models.BPE())
+    tok = hf.Tokenizer(hf.models.BPE())
     tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN, PAD_TOKEN],
+    tok.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN, PAD_TOKEN],
                                   initial_alphabet=byte_level.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return BPETokenizer(tok)
