@@ -5,7 +5,7 @@
     python -m lm.train --config configs/tiny.py:nvlamb --workdir /tmp/tiny   # 4x the batch, NVLAMB
 
 Expected on 2 CPU cores: about 5.5 minutes; the loss falls from ~5.9 to ~1.6 nats/byte and the
-final sample looks like Python (one run: `def test_list(self._ostr))` ... `self.assertEqual(`).
+final sample looks like Python (`def ...`, `self.assertEqual(` and the like).
 """
 from lm.config import defaults
 from lm.optim import scale_lr

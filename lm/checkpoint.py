@@ -1,8 +1,9 @@
 """Orbax checkpoints under WORKDIR/checkpoints/STEP, one directory per saved step, with items
 
-    state   the train state (`lm.train.TrainState`: step, params, opt_state, loss_scale, and
-            master with master weights), sharded: every process
-            writes only its own shards (orbax's OCDBT), and restores onto any mesh
+    state   the train state (`lm.train.TrainState`), stored as the dict {"step", "params",
+            "opt_state", "loss_scale"} with master weights as opt_state {"master", "tx"} (the
+            layout lm has always written, so older checkpoints restore), sharded: every
+            process writes only its own shards (orbax's OCDBT), and restores onto any mesh
     loader  the data loader's state (JSON): the next batch of a resumed run is the next batch
     config  the resolved run config (JSON), so a resume can check it trains the same model
 
@@ -14,6 +15,7 @@ mid-save never leaves a step that would be picked up. A step that is complete bu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable
@@ -45,7 +47,7 @@ class Checkpointer:
              config: dict | None = None) -> None:
         """Starts saving `step` (returns once the arrays are copied off the devices when async);
         a write error of the previous save surfaces here or in `wait`."""
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.StandardSave(_on_disk(state))}
         if loader_state is not None:
             items["loader"] = ocp.args.JsonSave(loader_state)
         if config is not None:
@@ -73,8 +75,8 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (any mesh)."""
-        return self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        return _from_disk(self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_on_disk(abstract_state))))["state"], abstract_state)
 
     def restore_latest(self, abstract_state: Any, log: Callable[[str], None] = print
                        ) -> tuple[int, Any, dict | None] | None:
@@ -153,13 +155,37 @@ def run_config_of(path: str):
                       f"nor {workdir}/config.json)")
 
 
+def _on_disk(state: Any) -> Any:
+    """The state item as stored: a dataclass state as the dict of its fields, master weights
+    (when kept) folded into opt_state as {"master", "tx"}; any other tree as it is."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    tree = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    master = tree.pop("master", None)
+    if master is not None:
+        tree["opt_state"] = {"master": master, "tx": tree["opt_state"]}
+    return tree
+
+
+def _from_disk(tree: Any, like: Any) -> Any:
+    """`_on_disk`'s inverse: `tree` as the type of `like`."""
+    if not dataclasses.is_dataclass(like):
+        return tree
+    if getattr(like, "master", None) is not None:
+        tree = {**tree, "master": tree["opt_state"]["master"], "opt_state": tree["opt_state"]["tx"]}
+    return type(like)(**tree)
+
+
 def _upgrade(saved: dict) -> dict:
-    """A saved config in today's schema: before the precision section held the dtypes, they
-    were saved under model."""
+    """A saved config in today's schema. Before the precision section held the dtypes, they
+    were saved under model; an 'interleaved' schedule with one virtual stage ran as gpipe."""
     model, precision = saved.get("model", {}), saved.setdefault("precision", {})
     for name in ("param_dtype", "compute_dtype"):
         if name in model:
             precision[name] = model.pop(name)
+    pipeline = saved.get("pipeline", {})
+    if pipeline.get("schedule") == "interleaved" and pipeline.get("virtual_stages") == 1:
+        pipeline["schedule"] = "gpipe"
     return saved
 
 

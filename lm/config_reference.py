@@ -2,9 +2,10 @@
 
     python -m lm.config_reference > docs/configuration.md
 
-Sections, keys, types, defaults, meanings and allowed values all come from the dataclasses in
-`lm.config.SECTIONS`; tests/test_config.py fails when docs/configuration.md is not the current
-output.
+Sections, keys, types, defaults, meanings and allowed values (choices, bounds) come from the
+dataclasses in `lm.config.SECTIONS`; what relates keys to each other (mesh sizes, the rules
+grammar, divisibility) is checked by `lm.config.validate`. tests/test_config.py fails when
+docs/configuration.md is not the current output.
 """
 from __future__ import annotations
 

@@ -96,6 +96,8 @@ class Exported:
         """Greedy continuation of each prompt by max_new_tokens tokens (one slot each)."""
         if any(len(ids) + max_new_tokens > self.max_len for ids in prompts):
             raise ValueError(f"prompt + max_new_tokens exceed the context ({self.max_len})")
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
         slots = self.slots(len(prompts))
         greedy = SamplingParams(max_new_tokens=max_new_tokens)
         out = [[slots.insert(i, ids, greedy)] for i, ids in enumerate(prompts)]

@@ -231,7 +231,8 @@ def _generate(graphdef, params, prompt_bp, lengths_b, max_new_b, rows: SamplingR
             max_new_b <= 0, cache)
     _, _, out_bn, count_b, _, _ = jax.lax.while_loop(
         lambda c: (c[0] < steps) & ~jnp.all(c[4]), body, init)
-    return out_bn, count_b
+    # Replicated, so that every process can read them (rows are split over data x fsdp).
+    return sharding.constrain(out_bn, (None, None)), sharding.constrain(count_b, (None,))
 
 
 class Engine:

@@ -41,7 +41,7 @@ import sys
 
 import jax
 
-from lm import sharding, train
+from lm import sharding
 from lm.config import ConfigError, RunConfig, from_config_dict, load_config_file, override
 from lm.model import abstract_model, param_count
 from lm.pipeline import Pipeline
@@ -198,6 +198,7 @@ def compiled_memory(run: RunConfig, devices=None) -> dict:
     """XLA's memory analysis of the real train step on this machine's devices (fake CPU devices
     count; `devices`: a subset), for the same config: arguments (state + batch) and
     temporaries."""
+    from lm import train  # only --compile needs the train step (and orbax, slow to import)
     mesh = sharding.make_mesh(run.mesh, devices=devices)
     with jax.set_mesh(mesh):
         trainer = train.build(run, mesh)

@@ -312,7 +312,8 @@ def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train
         previous = (step, metrics["loss"])
         timer.tick(metrics)
         if step % t.log_every == 0 or step == t.steps:
-            tracker.log(step, _record(jax.device_get(metrics), lr, step, timer.rate()))
+            host = jax.device_get(metrics)  # waits for the step: the timer's window ends here
+            tracker.log(step, _record(host, lr, step, timer.rate()))
         if step % t.eval_every == 0 or step == t.steps:
             saver.require_finite(step, metrics["loss"])
             evaluate(step, state.params)
@@ -356,7 +357,7 @@ class _Throughput:
         self.start, self.steps = time.perf_counter(), 0
 
     def rate(self) -> float:
-        """The window's tokens per second (blocks on the queued steps); starts a new window."""
+        """The window's tokens per second (call once its steps are done); starts a new one."""
         steps, elapsed = self.steps, time.perf_counter() - self.start
         self.restart()
         return steps * self.tokens_per_step / elapsed if steps else 0.0
@@ -475,7 +476,8 @@ def _check_same_model(run: RunConfig, ckpt: Checkpointer) -> None:
     if saved is None:
         return
     now = run.to_dict()
-    keys = [("model", k) for k in now["model"]] + [("precision", "param_dtype")]
+    keys = [("model", k) for k in now["model"]] + [("precision", "param_dtype"),
+                                                    ("precision", "compute_dtype")]
     diff = {f"{s}.{k}": (saved.get(s, {}).get(k), now[s][k]) for s, k in keys
             if saved.get(s, {}).get(k) != now[s][k]}
     if diff:
@@ -534,10 +536,10 @@ class _StopRequest:
     def agreed(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.name is not None
-        flags = multihost_utils.process_allgather(np.int32(self.name is not None))
-        if flags.any() and self.name is None:
+        requested = multihost_utils.process_allgather(np.int32(self.name is not None))
+        if requested.any() and self.name is None:
             self.name = "a stop request on another process"
-        return bool(flags.any())
+        return bool(requested.any())
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

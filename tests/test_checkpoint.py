@@ -208,3 +208,30 @@ def test_an_unwritable_workdir_and_a_full_disk_are_clear_errors(tmp_path, data):
     # (orbax's writer thread also logs its own traceback before ours)
     assert "lm.train: error: cannot write checkpoints" in proc.stderr
     assert "No space left" in proc.stderr
+
+
+def test_the_train_state_is_stored_in_the_dict_layout_of_older_checkpoints(tmp_path):
+    """On disk the state is the dict lm has always written (master weights as opt_state
+    {"master", "tx"}): a checkpoint written as that dict restores into a TrainState, and a
+    TrainState reads back as that dict."""
+    run = small_run(**{"precision.param_dtype": "bfloat16", "precision.master_weights": True,
+                       "mesh.data": 2})
+    mesh = sharding.make_mesh(run.mesh, devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        trainer = train.build(run, mesh)
+        state = trainer.init()
+        as_dict = lambda s: {"step": s.step, "params": s.params, "loss_scale": s.loss_scale,
+                             "opt_state": {"master": s.master, "tx": s.opt_state}}
+        old = Checkpointer(str(tmp_path / "old"), async_save=False)
+        old.save(1, as_dict(state))
+        restored = old.restore(1, trainer.abstract_state())
+        old.close()
+        new = Checkpointer(str(tmp_path / "new"), async_save=False)
+        new.save(1, state)
+        read_as_dict = new.restore(1, as_dict(trainer.abstract_state()))
+        new.close()
+    assert isinstance(restored, train.TrainState) and restored.master is not None
+    same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, jax.device_get(a),
+                                     jax.device_get(b))
+    same(restored, state)
+    same(read_as_dict, as_dict(state))

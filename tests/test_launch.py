@@ -27,7 +27,7 @@ def train_cmd(workdir, data, steps=5):
             str(workdir), f"--config.data.path={data}", "--config.mesh.data=2",
             "--config.mesh.fsdp=2", f"--config.train.steps={steps}", "--config.train.log_every=1",
             "--config.train.eval_every=1000", "--config.train.eval_batches=1",
-            "--config.train.sample_tokens=0", "--config.train.progress=False",
+            "--config.train.sample_tokens=8", "--config.train.progress=False",
             "--config.model.num_layers=2", "--config.model.d_model=64",
             "--config.model.mlp_dim=128", "--config.train.batch_size=8",
             "--config.train.seq_len=64"]
