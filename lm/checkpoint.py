@@ -172,7 +172,8 @@ def _from_disk(tree: Any, like: Any) -> Any:
     if not dataclasses.is_dataclass(like):
         return tree
     if getattr(like, "master", None) is not None:
-        tree = {**tree, "master": tree["opt_state"]["master"], "opt_state": tree["opt_state"]["tx"]}
+        opt = tree["opt_state"]
+        tree = {**tree, "master": opt["master"], "opt_state": opt["tx"]}
     return type(like)(**tree)
 
 
@@ -180,9 +181,7 @@ def _upgrade(saved: dict) -> dict:
     """A saved config in today's schema. Before the precision section held the dtypes, they
     were saved under model; an 'interleaved' schedule with one virtual stage ran as gpipe."""
     model, precision = saved.get("model", {}), saved.setdefault("precision", {})
-    for name in ("param_dtype", "compute_dtype"):
-        if name in model:
-            precision[name] = model.pop(name)
+    precision.update({k: model.pop(k) for k in ("param_dtype", "compute_dtype") if k in model})
     pipeline = saved.get("pipeline", {})
     if pipeline.get("schedule") == "interleaved" and pipeline.get("virtual_stages") == 1:
         pipeline["schedule"] = "gpipe"

@@ -499,8 +499,7 @@ def constrain_cache(cache):
 
 
 def abstract_model(cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfig()):
-    """(graphdef, parameters as shapes and dtypes): the model without allocating it, for
-    shardings, checkpoint restores and plans. Under a mesh, nothing is constrained."""
+    """(graphdef, parameters as shapes and dtypes): the model, not allocated, unconstrained."""
     with nnx.logical_axis_rules(REPLICATED):
         return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, precision, rngs=nnx.Rngs(0))))
 

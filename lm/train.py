@@ -53,9 +53,6 @@ class TrainState:
     loss_scale: dict[str, jax.Array]  # LossScale's scalars
     master: Any = None  # precision.master_weights: float32 parameters; `params` their rounding
 
-    def replace(self, **changes) -> "TrainState":
-        return dataclasses.replace(self, **changes)
-
 
 @dataclasses.dataclass(frozen=True)
 class StepParts:
@@ -313,7 +310,10 @@ def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train
         timer.tick(metrics)
         if step % t.log_every == 0 or step == t.steps:
             host = jax.device_get(metrics)  # waits for the step: the timer's window ends here
-            tracker.log(step, _record(host, lr, step, timer.rate()))
+            skipped = int(host["skipped_steps"])  # the schedule follows the optimizer's count
+            tracker.log(step, {k: float(v) for k, v in host.items()} | {
+                "lr": float(lr(step - 1 - skipped)), "skipped_steps": skipped,
+                "tokens_per_s": timer.rate()})
         if step % t.eval_every == 0 or step == t.steps:
             saver.require_finite(step, metrics["loss"])
             evaluate(step, state.params)
@@ -329,15 +329,6 @@ def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train
     if previous is not None:
         saver.save(step, state, previous[1])
     return state
-
-
-def _record(metrics: dict, lr, step: int, tokens_per_s: float) -> dict[str, float]:
-    """A metrics.jsonl / TensorBoard record of a step's metrics (on the host)."""
-    skipped = int(metrics["skipped_steps"])
-    # The schedule follows the optimizer's count, which skipped steps do not advance.
-    return {k: float(v) for k, v in metrics.items()} | {
-        "lr": float(lr(step - 1 - skipped)), "skipped_steps": skipped,
-        "tokens_per_s": tokens_per_s}
 
 
 class _Throughput:

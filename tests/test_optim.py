@@ -197,8 +197,8 @@ def test_overflow_skips_the_step_and_backs_off_after_hysteresis():
     opt0 = jax.device_get(state.opt_state)
     with jax.set_mesh(mesh):
         # Inject an overflow: a scale that float16 activations' gradients cannot hold.
-        state = state.replace(loss_scale={**state.loss_scale,
-                                          "scale": jnp.asarray(2.0 ** 40, jnp.float32)})
+        state = dataclasses.replace(state, loss_scale={
+            **state.loss_scale, "scale": jnp.asarray(2.0 ** 40, jnp.float32)})
         state, m = trainer.train_step(state, batch)
         assert int(m["skipped_steps"]) == 1 and not np.isfinite(float(m["grad_norm"]))
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params0)
@@ -210,8 +210,8 @@ def test_overflow_skips_the_step_and_backs_off_after_hysteresis():
         assert ls["scale"] == 2.0 ** 39 and ls["hysteresis"] == 0 and ls["skipped"] == 2
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params0)
         # A scale that fits: two clean steps, then it grows and hysteresis refills.
-        state = state.replace(loss_scale={**state.loss_scale,
-                                          "scale": jnp.asarray(2.0 ** 8, jnp.float32)})
+        state = dataclasses.replace(state, loss_scale={
+            **state.loss_scale, "scale": jnp.asarray(2.0 ** 8, jnp.float32)})
         for _ in range(2):
             state, m = trainer.train_step(state, batch)
         ls = jax.device_get(state.loss_scale)
