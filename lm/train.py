@@ -195,15 +195,16 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     lay = sharding.layout(run.mesh.rules)
     with jax.set_mesh(mesh):
         graphdef, abs_params = abstract_model(run.model, run.precision)
-    state_sharding = _state_shardings(run, mesh, lay, tx, scaler, abs_params)
+    opt_param_sharding = sharding.param_shardings(abs_params, mesh, lay.opt)
+    state_sharding = _state_shardings(run, mesh, lay, tx, scaler, abs_params,
+                                      opt_param_sharding)
     replicated = NamedSharding(mesh, P())
     batch_axes = sharding.batch_sharding(mesh).spec[0]
     parts = StepParts(
         graphdef=graphdef, tx=tx, scaler=scaler, layout=lay, pipeline=pipe,
         microbatches=run.train.microbatches,
         micro_sharding=NamedSharding(mesh, P(None, batch_axes)),
-        grad_sharding=(sharding.param_shardings(abs_params, mesh, lay.opt)
-                       if lay.scatter_grads else None),
+        grad_sharding=opt_param_sharding if lay.scatter_grads else None,
         skip_nonfinite_updates=scaler.dynamic or run.train.skip_nonfinite)
     fresh = functools.partial(new_state, tx=tx, scaler=scaler,
                               master_weights=run.precision.master_weights)
@@ -219,12 +220,12 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
     )
 
 
-def _state_shardings(run: RunConfig, mesh, lay: sharding.Layout, tx, scaler, abs_params
-                     ) -> TrainState:
+def _state_shardings(run: RunConfig, mesh, lay: sharding.Layout, tx, scaler, abs_params,
+                     opt_param_sharding) -> TrainState:
     """Where each part of the state lives under `mesh.rules`: parameters by lay.params, the
-    optimizer state (and master weights) by lay.opt, scalars replicated."""
+    optimizer state (and master weights) by lay.opt (`opt_param_sharding`), scalars
+    replicated."""
     replicated = NamedSharding(mesh, P())
-    opt_param_sharding = sharding.param_shardings(abs_params, mesh, lay.opt)
     abstract = jax.eval_shape(lambda p: new_state(p, tx, scaler, run.precision.master_weights),
                               abs_params)
     return TrainState(
