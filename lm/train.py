@@ -434,9 +434,9 @@ def _loaders(run: RunConfig, dataset: Dataset, mesh) -> tuple[Loader, Loader]:
     try:
         train_data = Loader(dataset.split("train"), t.batch_size, t.seq_len, t.seed,
                             batch_sharding, shuffle=run.data.shuffle, prefetch=run.data.prefetch,
-                            fingerprint=dataset.fingerprint)
+                            fingerprint=dataset.fingerprint, split="train")
         eval_data = Loader(dataset.split("val"), t.batch_size, t.seq_len, t.seed, batch_sharding,
-                           shuffle=False)
+                           shuffle=False, split="val")
     except ValueError as e:
         raise ConfigError(f"data {dataset.path}: {e}") from None
     return train_data, eval_data

@@ -2,8 +2,11 @@
 import gzip
 import json
 import os
+import py_compile
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -110,7 +113,7 @@ def test_prepare_round_trips_and_counts(corpus_dir, tmp_path, tokenizer):
     data.verify()
     assert sorted(documents(data)) == sorted(expected)
     assert manifest["problems"] == {"undecodable": 2, "empty": 2, "malformed_json": 2,
-                                    "missing_field": 2}
+                                    "missing_field": 2, "long_line": 0}
     where = {(os.path.basename(e["file"]), e["line"], e["problem"])
              for e in manifest["problem_examples"]}
     assert where == {("latin1.txt", 1, "undecodable"), ("empty.txt", 1, "empty"),
@@ -244,6 +247,195 @@ def test_embedded_corpus_is_prepared_and_split_by_file(tmp_path):
     assert 0.005 < val / train < 0.06
     window = data.split("val").read(1000, 1200).astype(np.uint16).tobytes()
     assert window not in data.split("train").read().astype(np.uint16).tobytes()
+    # Files in other encodings (KOI8-R, Latin-1) are kept; no file moves between splits.
+    assert data.manifest["skipped_files"] == [] and "forced_split" not in data.manifest
+
+
+def png_bytes() -> bytes:
+    """A real 1x1 grey PNG."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)) +
+            chunk(b"IDAT", zlib.compress(b"\0\x80")) + chunk(b"IEND", b""))
+
+
+def test_binary_files_caches_and_long_lines_are_skipped_and_listed(tmp_path, root):
+    corpus = tmp_path / "repo"
+    (corpus / ".git" / "objects").mkdir(parents=True)
+    (corpus / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (corpus / ".git" / "objects" / "ab12").write_bytes(zlib.compress(b"blob 5\0hello"))
+    (corpus / "src").mkdir()
+    (corpus / "src" / "mod.py").write_text("def f():\n    return 1\n")
+    py_compile.compile(str(corpus / "src" / "mod.py"), cfile=str(corpus / "src" / "mod.pyc"))
+    (corpus / "logo.png").write_bytes(png_bytes())
+    with open(corpus / "dump.jsonl", "w") as f:  # 10 MB on line 2, no line end anywhere after
+        f.write(json.dumps({"text": "kept"}) + "\n" + '{"text": "' + "x" * 10_000_000)
+    good = ["def f():\n    return 1\n", "kept"]
+    for i, text in enumerate(TEXTS):
+        (corpus / f"note{i}.txt").write_text(text, encoding="utf-8")
+        good.append(text)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "lm.data.prepare", "--input", str(corpus),
+                           "--out", str(out), "--workers", "1", "--no-progress"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    skipped = {os.path.relpath(s["file"], corpus): s["reason"] for s in manifest["skipped_files"]}
+    assert skipped == {".git": "hidden or cache directory (not walked)",
+                       os.path.join("src", "mod.pyc"): "binary: NUL byte at offset 4",
+                       "logo.png": "binary: NUL byte at offset 8"}
+    assert f"skipped {corpus / 'logo.png'}: binary" in proc.stderr
+    assert manifest["problems"]["long_line"] == 1
+    assert [(os.path.basename(e["file"]), e["line"], e["problem"])
+            for e in manifest["problem_examples"]] == [("dump.jsonl", 2, "long_line")]
+    assert f"{corpus / 'dump.jsonl'}:2: line of more than 8,388,608 bytes" in proc.stderr
+    assert sorted(documents(Dataset(str(out)))) == sorted(good)
+
+
+def test_a_long_jsonl_line_is_read_past_in_bounded_memory(tmp_path):
+    import tracemalloc
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "big.jsonl", "w") as f:
+        f.write('{"text": "' + "x" * 10_000_000 + '"}\n{"text": "after"}\n')
+    tracemalloc.start()
+    manifest = prep.prepare([str(tmp_path / "in")], str(tmp_path / "out"), workers=1,
+                            max_line_bytes=1 << 20, progress=False, log=open(os.devnull, "w"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 6_000_000  # the 10 MB line never sits in memory
+    assert manifest["problems"]["long_line"] == 1
+    assert documents(Dataset(str(tmp_path / "out"))) == ["after"]
+
+
+def paragraphs_file(path) -> list[str]:
+    """A plain text file of a few paragraphs (blank lines of spaces, CRLF, runs of them);
+    returns the documents it should give: its paragraphs."""
+    rng = np.random.default_rng(0)
+    paras = [" ".join(rng.choice(["alpha", "beta", "γάμμα", "δ"], 60)) + "\nsecond line\n"
+             for _ in range(12)]
+    seps = ["\n", "  \n", "\r\n", "\n\n\n"]
+    path.write_text("".join(p + seps[i % 4] for i, p in enumerate(paras)), encoding="utf-8")
+    return paras
+
+
+@pytest.mark.parametrize("kind", ["one_file", "many_files"])
+def test_small_corpora_get_two_splits_that_each_make_a_batch(tmp_path, kind):
+    if kind == "one_file":  # one document per paragraph; 1 KB units, cut at blank lines only
+        expected = paragraphs_file(tmp_path / "book.txt")
+        argv = ["--input", str(tmp_path / "book.txt"), "--unit-mb", "0.001"]
+    else:  # one document per file
+        (tmp_path / "docs").mkdir()
+        expected = [f"short document {i}: " + "words " * (5 + i % 7) for i in range(36)]
+        for i, text in enumerate(expected):
+            (tmp_path / "docs" / f"{i:02d}.txt").write_text(text)
+        argv = ["--input", str(tmp_path / "docs"), "--unit-mb", "0.0002", "--val-fraction",
+                "0.001"]
+    shards = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        prep.main(argv + ["--out", str(out), "--workers", workers, "--no-progress"])
+        data = Dataset(str(out))
+        shards.append([s["sha256"] for s in data.shards])
+    assert shards[0] == shards[1]  # the held-out document does not depend on the workers
+    assert sorted(documents(data)) == sorted(expected)
+    splits = data.manifest["splits"]
+    assert splits["val"]["documents"] >= 1 and splits["train"]["documents"] >= 1
+    assert data.manifest["forced_split"]["split"] == "val"  # no document falls there by hash
+    for split in ("train", "val"):
+        loader = Loader(data.split(split), 2, 8, seed=0, split=split)
+        assert np.asarray(next(loader)).shape == (2, 9)
+
+
+def test_lm_train_runs_on_a_single_text_file(tmp_path):
+    """The end-to-end pulse: one .txt of paragraphs -> two splits -> lm.train trains and
+    evaluates on them."""
+    from conftest import small_run
+
+    from lm import train
+    paragraphs_file(tmp_path / "book.txt")
+    prep.main(["--input", str(tmp_path / "book.txt"), "--out", str(tmp_path / "data"),
+               "--workers", "1", "--no-progress"])
+    run = small_run(**{"data.path": str(tmp_path / "data"), "train.steps": 1,
+                       "train.eval_every": 1, "train.eval_batches": 1, "train.sample_tokens": 0,
+                       "train.progress": False, "mesh.data": 8})
+    train.train(run, str(tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [1]
+
+
+def test_a_flipped_byte_or_a_foreign_token_id_is_refused_naming_the_shard(tmp_path, root):
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i}.txt").write_text(f"document {i} " * 50)
+    prep.prepare([str(corpus)], str(out), workers=1, unit_bytes=2048, val_fraction=0.2,
+                 progress=False)
+    env = {**os.environ, "PYTHONPATH": root}
+
+    def verify(path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lm.data.verify", str(path),
+                               "--no-progress"], capture_output=True, text=True, env=env,
+                              timeout=60)
+
+    good = verify(out)
+    assert good.returncode == 0 and "every shard matches" in good.stdout, good.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][1]
+    path = out / shard["file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 4 * 2] ^= 0x01  # a low byte: still a valid id, only the checksum tells
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"shard {path}: bytes 0-.* do not match their crc32"):
+        Dataset(str(out))
+    bad = verify(out)
+    assert bad.returncode == 1 and f"damaged: shard {path}" in bad.stdout
+    assert "1 of" in bad.stdout and "Traceback" not in bad.stderr
+    assert verify(tmp_path / "nowhere").returncode == 2
+
+    # A shard with an id past the vocabulary (another tokenizer's data), checksums updated.
+    data[:2] = np.array([300], np.uint16).tobytes()
+    path.write_bytes(bytes(data))
+    sums = prep.Checksums()
+    sums.update(bytes(data))
+    shard.update(sums.fields())
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"shard {path}: .* token id 300, outside the "
+                       "tokenizer's vocabulary of 258"):
+        Dataset(str(out))
+    assert "token id 300" in verify(out).stdout
+
+    # A manifest from before block checksums: sizes and ids are checked, and it says so.
+    data[:2] = b"a\0"
+    path.write_bytes(bytes(data))
+    for split in manifest["splits"].values():
+        for s in split["shards"]:
+            del s["block_crc32"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    Dataset(str(out))
+    assert verify(out).returncode == 1  # its sha256 still tells
+    path.write_bytes(bytes(data[:-2]))
+    with pytest.raises(ValueError, match=f"shard {path} is .* bytes, the manifest says"):
+        Dataset(str(out))
+
+
+def test_a_large_corpus_is_checked_in_evenly_spaced_blocks_at_open(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.txt").write_text("0123456789\n" * 600_000)  # 6.6 MB: 13 MB shard
+    out = tmp_path / "out"
+    prep.prepare([str(tmp_path / "in")], str(out), workers=1, progress=False)
+    monkeypatch.setattr(Dataset, "OPEN_CHECK_BYTES", 4 << 20)
+    assert [b.tolist() for b in Dataset(str(out))._sampled_blocks()] == [[0, 4, 8, 12]]
+    shard = out / "train-00000.bin"
+    with open(shard, "r+b") as f:  # a flipped byte in block 2, which an open does not read
+        f.seek(2 * prep.CHECK_BLOCK + 10)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 1]))
+    data = Dataset(str(out))
+    with pytest.raises(ValueError, match=f"shard {shard}: bytes 2,097,152-3,145,728 do not"):
+        data.verify()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +506,30 @@ def test_resume_from_saved_state_reproduces_the_next_batches(stream, prefetch):
         Loader(stream, 8, 32, seed=7).load_state_dict(saved)
 
 
+def test_a_split_too_small_for_one_batch_says_which_and_what_would_fit():
+    class Tokens:  # a split of n tokens
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    cases = [(812, "val", "the val split holds 812 tokens: 3 sequences of seq_len 256, fewer than "
+              "one batch of 8; a batch_size <= 3 or seq_len <= 101 would fit"),
+             (5, "train", "the train split holds 5 tokens: 0 sequences of seq_len 256, fewer "
+              "than one batch of 8; no batch of any shape fits: it needs more documents"),
+             (0, "val", "the val split holds 0 tokens: 0 sequences of seq_len 256, fewer than "
+              "one batch of 8; no batch of any shape fits: it needs more documents"),
+             (300, "", "the split holds 300 tokens: 1 sequence of seq_len 256, fewer than one "
+              "batch of 8; a batch_size <= 1 or seq_len <= 37 would fit")]
+    for tokens, split, message in cases:
+        with pytest.raises(ValueError) as e:
+            Loader(Tokens(tokens), 8, 256, seed=0, split=split)
+        assert str(e.value) == message
+    assert Loader(Tokens(812), 3, 256, seed=0).num_sequences == 3
+    assert Loader(Tokens(812), 8, 101, seed=0).num_sequences == 8
+
+
 def test_a_read_error_reaches_the_consumer_and_close_does_not_hang(stream):
     class Failing:
         def __init__(self):
@@ -361,7 +577,8 @@ def test_two_processes_read_disjoint_rows_of_the_same_batches(stream, tmp_path, 
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     data_dir = os.path.dirname(stream.paths[0])
-    env = {**os.environ, "PYTHONPATH": root, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "PYTHONPATH": root,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "multihost_loader.py"),
                                str(i), str(port), data_dir, str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -50,6 +50,19 @@ def permutation(indices: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarra
     return x.astype(np.int64)
 
 
+def _too_small(split: str, tokens: int, batch_size: int, seq_len: int) -> str:
+    """Why a split of `tokens` tokens holds no batch of this shape, and which shapes would fit."""
+    sequences = max((tokens - 1) // seq_len, 0)
+    message = (f"the {split + ' ' if split else ''}split holds {tokens:,} tokens: {sequences} "
+               f"sequence{'s' * (sequences != 1)} of seq_len {seq_len}, fewer than one batch of "
+               f"{batch_size}")
+    fits = [f"batch_size <= {sequences}"] * (sequences > 0)
+    fits += [f"seq_len <= {(tokens - 1) // batch_size}"] * (tokens > batch_size)
+    if not fits:
+        return message + "; no batch of any shape fits: it needs more documents"
+    return message + "; a " + " or ".join(fits) + " would fit"
+
+
 @dataclasses.dataclass(frozen=True)
 class LoaderState:
     epoch: int = 0
@@ -59,15 +72,13 @@ class LoaderState:
 class Loader:
     def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int,
                  sharding: NamedSharding | None = None, shuffle: bool = True, prefetch: int = 0,
-                 fingerprint: str = ""):
+                 fingerprint: str = "", split: str = ""):
         self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
         self.sharding, self.shuffle, self.prefetch = sharding, shuffle, prefetch
         self.fingerprint = fingerprint
-        self.num_sequences = (len(stream) - 1) // seq_len
+        self.num_sequences = max((len(stream) - 1) // seq_len, 0)
         if self.num_sequences < batch_size:
-            raise ValueError(f"the split has {len(stream):,} tokens: {self.num_sequences} "
-                             f"sequences of seq_len {seq_len}, fewer than one batch of "
-                             f"{batch_size}")
+            raise ValueError(_too_small(split, len(stream), batch_size, seq_len))
         if sharding is not None:
             # The global rows this process must supply, from the sharding's own index map.
             idx = sharding.addressable_devices_indices_map((batch_size, seq_len + 1))
