@@ -16,15 +16,20 @@ mid-save never leaves a step that would be picked up. A step that is complete bu
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import sys
 from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
-from lm.config import ConfigError, from_config_dict
+from lm.config import ConfigError, RunConfig, defaults, from_config_dict
 
 
 class Checkpointer:
@@ -78,33 +83,72 @@ class Checkpointer:
         return _from_disk(self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_on_disk(abstract_state))))["state"], abstract_state)
 
-    def restore_latest(self, abstract_state: Any, log: Callable[[str], None] = print
-                       ) -> tuple[int, Any, dict | None] | None:
+    def restore_latest(self, abstract_state: Any, config: dict | None = None,
+                       log: Callable[[str], None] = print) -> tuple[int, Any, dict | None] | None:
         """The newest step that restores, as (step, state, loader state), or None if there is
-        none. Damaged steps are reported through `log` and moved aside."""
+        none. Each step, newest first, is judged (`_judge`) and all processes agree on it:
+        incompatible with `config` (this run's) or with `abstract_state`'s tree -> ConfigError,
+        nothing renamed; transient failure -> ConfigError naming it, nothing renamed; damaged ->
+        reported through `log`, and once a step restores (or none is left) moved aside as
+        STEP.damaged (nothing is deleted)."""
+        damaged = []
         for step in reversed(self.all_steps()):
-            try:
-                state = self.restore(step, abstract_state)
-                loader = self.restore_loader_state(step)
-                jax.block_until_ready(state)
-                return step, state, loader
-            except (ValueError, OSError, KeyError, RuntimeError) as e:
-                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            verdict, detail, restored = self._judge(step, abstract_state, config)
+            verdict, detail = _agree(verdict, detail)
+            step_dir = os.path.join(self.directory, str(step))
+            if verdict == "incompatible":
+                raise ConfigError(
+                    f"--workdir {os.path.dirname(self.directory)} holds checkpoints this run "
+                    f"cannot resume (step {step}: {detail}); nothing was renamed. Use a new "
+                    f"--workdir, or --config.train.init_from={step_dir} to start from its "
+                    "parameters with a fresh optimizer state")
+            if verdict == "transient":
+                raise ConfigError(f"cannot read checkpoint {step_dir} now ({detail}); nothing was "
+                                  "renamed: run again once the cause (memory, storage) is fixed")
+            if verdict == "damaged":
                 log(f"checkpoint step {step} in {self.directory} is damaged and was not used "
-                    f"({type(e).__name__}: {reason}); moved to {step}.damaged, falling back to "
-                    "the one before")
-                self._set_aside(step)
+                    f"({detail}); moving it to {step}.damaged, falling back to the one before")
+                damaged.append(step)
+                continue
+            self.set_aside(damaged, "damaged")
+            return (step, *restored)
+        self.set_aside(damaged, "damaged")
         return None
 
-    def _set_aside(self, step: int) -> None:
+    def _judge(self, step: int, abstract_state: Any, config: dict | None
+               ) -> tuple[str, str, tuple[Any, dict | None] | None]:
+        """(verdict, why, (state, loader state) if "ok") for one step: "ok", "incompatible",
+        "damaged" or "transient" (see `_failure`)."""
+        step_dir = os.path.join(self.directory, str(step))
+        try:
+            saved = saved_config(step_dir)
+            problems = _config_diff(saved, config) if saved and config else []
+            problems += _tree_diff(step_dir, _on_disk(abstract_state))
+            if problems:
+                return "incompatible", "; ".join(problems), None
+            state = self.restore(step, abstract_state)
+            loader = self.restore_loader_state(step)
+            jax.block_until_ready(state)
+            return "ok", "", (state, loader)
+        except RESTORE_ERRORS as e:
+            return _failure(e), _why(e), None
+
+    def set_aside(self, steps: list[int], why: str) -> None:
+        """Renames each step directory to STEP.WHY (STEP.WHY2, ... if taken): process 0 renames
+        once every process has reached this point, and all continue once it has."""
+        if not steps:
+            return
+        self.wait()
+        _sync(f"lm.checkpoint.set_aside {steps}")
         if jax.process_index() == 0:
-            path = os.path.join(self.directory, str(step))
-            target = path + ".damaged"
-            n = 1
-            while os.path.exists(target):
-                n += 1
-                target = f"{path}.damaged{n}"
-            os.rename(path, target)
+            for step in steps:
+                path = os.path.join(self.directory, str(step))
+                target, n = f"{path}.{why}", 1
+                while os.path.exists(target):
+                    n += 1
+                    target = f"{path}.{why}{n}"
+                os.rename(path, target)
+        _sync(f"lm.checkpoint.set_aside {steps} done")
         self.manager.close()
         self.manager = self._manager()
 
@@ -117,42 +161,174 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             loader=ocp.args.JsonRestore()))["loader"]
 
-    def restore_config(self, step: int) -> dict | None:
-        if not self._has(step, "config"):
-            return None
-        return _upgrade(self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"])
-
     def close(self) -> None:
         self.wait()
         self.manager.close()
 
 
-def _step_dir(path: str) -> str:
-    """One checkpoint step's directory for a workdir (its latest), its checkpoints/ or a step."""
+# What a failed read raises (orbax and tensorstore report most I/O as ValueError); anything else
+# is a bug and propagates.
+RESTORE_ERRORS = (ValueError, OSError, KeyError, RuntimeError, EOFError, MemoryError)
+# Failures that say nothing about the checkpoint: memory, storage that is down or forbidden.
+_TRANSIENT = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "UNAVAILABLE",
+              "DEADLINE_EXCEEDED", "Input/output error", "Permission denied",
+              "Too many open files", "Stale file handle")
+_MISSING = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
+
+
+def _failure(e: BaseException) -> str:
+    """"transient" (out of memory, an I/O error that is not corruption: rename nothing, fail)
+    or "damaged" (missing or truncated files, unreadable metadata: set aside, fall back)."""
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno is not None
+                                      and e.errno not in _MISSING):
+        return "transient"
+    return "transient" if any(m in str(e) for m in _TRANSIENT) else "damaged"
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+_VERDICTS = ("ok", "damaged", "incompatible", "transient")  # in rising precedence
+
+
+def _agree(verdict: str, detail: str) -> tuple[str, str]:
+    """Every process's verdict on a step becomes the gravest of them (one all-gather)."""
+    if jax.process_count() == 1:
+        return verdict, detail
+    codes = multihost_utils.process_allgather(np.int32(_VERDICTS.index(verdict)))
+    worst = int(codes.max())
+    if worst != _VERDICTS.index(verdict):
+        detail = f"so process {int(codes.argmax())} reports"
+    return _VERDICTS[worst], detail
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+# Keys that must be equal to resume: the model, how its parameters and optimizer state are stored.
+RESUME_KEYS = (("precision", "param_dtype"), ("precision", "compute_dtype"),
+               ("precision", "master_weights"), ("optim", "name"))
+
+
+def _config_diff(saved: dict, now: dict) -> list[str]:
+    """The RESUME_KEYS (and model.*) whose saved value differs from this run's; a key missing
+    from an older checkpoint counts as its default."""
+    saved, default = _upgrade(saved), defaults().to_dict()
+    keys = [("model", k) for k in now["model"]] + list(RESUME_KEYS)
+    return [f"{s}.{k}: saved {old!r}, now {now[s][k]!r}" for s, k in keys
+            if (old := saved.get(s, {}).get(k, default[s][k])) != now[s][k]]
+
+
+_PARTS = {"params": "the parameters", "opt_state": "the optimizer state",
+          "loss_scale": "the loss-scale state"}
+
+
+def _tree_diff(step_dir: str, expected: Any, partial: bool = False) -> list[str]:
+    """How the state tree stored in STEP/state differs from `expected` (its paths and shapes),
+    per top-level part; `partial`: only the parts `expected` holds are compared."""
+    stored = _shapes(ocp.StandardCheckpointHandler().metadata(
+        epath.Path(step_dir) / "state"))
+    want = _shapes(expected)
+    if partial:
+        stored = {k: v for k, v in stored.items() if k.split("/")[0] in expected}
+    problems = []
+    for part in sorted({k.split("/")[0] for k in [*stored, *want]}):
+        missing = [k for k in want if k.startswith(part + "/") and k not in stored]
+        extra = [k for k in stored if k.startswith(part + "/") and k not in want]
+        shapes = [f"{k} saved {stored[k]}, now {want[k]}" for k in want
+                  if k in stored and stored[k] != want[k]]
+        said = ([f"{len(missing)} entries not in the checkpoint (e.g. {missing[0]})"]
+                if missing else []) + ([f"{len(extra)} not in this run (e.g. {extra[0]})"]
+                                       if extra else []) + shapes[:2]
+        if said:
+            problems.append(f"{_PARTS.get(part, part)} differs: " + ", ".join(said))
+    return problems
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """path ("params/embed/value") -> shape, for every array leaf of a state or its metadata."""
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    return {"/".join(map(name, path)): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(leaf, "shape")}
+
+
+def saved_config(step_dir: str) -> dict | None:
+    """The run config saved in a step (its `config` item), or None for a step without one; a
+    damaged item raises (ValueError / OSError)."""
+    path = os.path.join(step_dir, "config", "metadata")
+    if not os.path.isdir(os.path.join(step_dir, "config")):
+        return None
+    with open(path) as f:
+        return _upgrade(json.load(f))
+
+
+def step_dirs(path: str) -> tuple[list[str], bool]:
+    """The checkpoint step directories PATH names, newest first (a workdir, its checkpoints/),
+    and whether PATH is one step's directory (then the only candidate: no fallback)."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "state")):  # one step: .../checkpoints/STEP
-        return path
+        return [path], True
     root = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True) \
+        if os.path.isdir(root) else []
     if not steps:
         raise ConfigError(f"no checkpoint in {path}: expected a training workdir, its "
                           "checkpoints/ directory, or one checkpoints/STEP directory")
-    return os.path.join(root, str(steps[-1]))
+    return [os.path.join(root, str(s)) for s in steps], False
 
 
-def run_config_of(path: str):
-    """(RunConfig, workdir) of a checkpoint: its saved config item, else WORKDIR/config.json."""
-    step_dir = _step_dir(path)
-    workdir = os.path.dirname(os.path.dirname(step_dir))
-    for candidate in (os.path.join(step_dir, "config", "metadata"),
-                      os.path.join(workdir, "config.json")):
-        if os.path.exists(candidate):
-            with open(candidate) as f:
-                saved = _upgrade(json.load(f))
-            return from_config_dict(ml_collections.ConfigDict(saved)), workdir
-    raise ConfigError(f"no config found for the checkpoint {step_dir} (neither its config item "
-                      f"nor {workdir}/config.json)")
+def load_params(path: str, abstract_for: Callable[[RunConfig | None], Any],
+                log: Callable[[str], None] | None = None
+                ) -> tuple[RunConfig | None, str, int, Any]:
+    """(run config, workdir, step, parameters) of the newest readable step PATH names, for
+    evaluation, generation, serving, export, conversion and train.init_from; nothing is renamed
+    (a reader must not change a workdir). `abstract_for(run config or None)`: the parameters'
+    abstract tree (shapes, dtypes, shardings) to restore into. A damaged step is reported
+    through `log` (stderr by default) and skipped, unless PATH names that one step; a
+    checkpoint of another shape, or a transient failure, is a ConfigError."""
+    log = log or (lambda message: print(f"lm.checkpoint: {message}", file=sys.stderr))
+    dirs, explicit = step_dirs(path)
+    for step_dir in dirs:
+        workdir = os.path.dirname(os.path.dirname(step_dir))
+        try:
+            saved = saved_config(step_dir)
+            if saved is None and os.path.exists(os.path.join(workdir, "config.json")):
+                with open(os.path.join(workdir, "config.json")) as f:
+                    saved = _upgrade(json.load(f))
+            run = None if saved is None else from_config_dict(ml_collections.ConfigDict(saved))
+            abstract = abstract_for(run)
+            problems = _tree_diff(step_dir, {"params": abstract}, partial=True)
+            if problems:
+                raise ConfigError(f"the checkpoint {step_dir} does not fit: " +
+                                  "; ".join(problems))
+            return run, workdir, int(os.path.basename(step_dir)), _restore_params(step_dir,
+                                                                                  abstract)
+        except ConfigError:
+            raise
+        except RESTORE_ERRORS as e:
+            if _failure(e) == "transient" or explicit:
+                raise ConfigError(f"cannot read checkpoint {step_dir} ({_why(e)})" +
+                                  (": it is damaged" if _failure(e) == "damaged" else "")
+                                  ) from None
+            log(f"checkpoint {step_dir} is damaged and was not used ({_why(e)}); trying the "
+                "one before (nothing renamed)")
+    raise ConfigError(f"no checkpoint in {path} could be read: every step is damaged")
+
+
+def _restore_params(step_dir: str, abstract_params: Any) -> Any:
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                           dtype=a.dtype), abstract_params)
+        return ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args},
+            partial_restore=True))["params"]
 
 
 def _on_disk(state: Any) -> Any:
@@ -186,21 +362,3 @@ def _upgrade(saved: dict) -> dict:
     if pipeline.get("schedule") == "interleaved" and pipeline.get("virtual_stages") == 1:
         pipeline["schedule"] = "gpipe"
     return saved
-
-
-def restore_params(path: str, abstract_params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """Parameters only (for evaluation, generation, fine-tuning with another optimizer) from a
-    training workdir (its latest step), its `checkpoints/` directory or one step's directory,
-    into the shapes, dtypes and shardings of `abstract_params`."""
-    step_dir = _step_dir(path)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restore_args = jax.tree.map(
-            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                           dtype=a.dtype), abstract_params)
-        try:
-            out = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
-                item={"params": abstract_params}, restore_args={"params": restore_args},
-                partial_restore=True))
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"cannot restore parameters from {step_dir}: {e}") from None
-    return int(os.path.basename(step_dir)), out["params"]

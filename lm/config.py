@@ -104,6 +104,9 @@ class TrainConfig:
                             "(divides batch_size)", ge=1)
     skip_nonfinite: bool = key(False, "skip updates whose gradients are not finite (always on "
                                "with dynamic loss scaling); off, a non-finite loss stops the run")
+    max_skipped_steps: int = key(50, "that many consecutive skipped steps (skip_nonfinite, dynamic "
+                                 "loss scaling) stop the run with exit status 3 (0: no limit)",
+                                 ge=0)
     init_from: str = key("", "start from these parameters (a checkpoint directory, a workdir, "
                          "or an lm.convert from-hf directory); fresh optimizer state")
 

@@ -277,16 +277,22 @@ class Engine:
         are restored sharded (tensor / fsdp as the training rules say) onto it; `int8_weights`:
         weight-only int8 matmul weights (`lm.quantize`)."""
         # orbax is slow to import, and lm.model stays out of lm.export.load's imports.
-        from lm.checkpoint import restore_params, run_config_of
+        from lm.checkpoint import load_params
+        from lm.config import ConfigError
         from lm.model import abstract_model
-        run, workdir = run_config_of(path)
-        graphdef, abstract = abstract_model(run.model, run.precision)
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = (jax.tree.map(lambda _: one, abstract) if mesh is None
-                     else sharding.param_shardings(abstract, mesh, sharding.RULES))
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+
+        def abstract_for(run):
+            if run is None:
+                raise ConfigError(f"no config found for the checkpoint {path} (neither its "
+                                  "config item nor WORKDIR/config.json)")
+            _, abstract = abstract_model(run.model, run.precision)
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = (jax.tree.map(lambda _: one, abstract) if mesh is None
+                         else sharding.param_shardings(abstract, mesh, sharding.RULES))
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, shardings)
-        _, params = restore_params(path, abstract)
+        run, workdir, _, params = load_params(path, abstract_for)
+        graphdef, _ = abstract_model(run.model, run.precision)
         params = quantize(params) if int8_weights else params
         tok = None
         with contextlib.suppress(OSError, ValueError, KeyError):

@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import distributed, generate, sharding
-from lm.checkpoint import Checkpointer, restore_params
+from lm.checkpoint import Checkpointer, load_params
 from lm.config import ConfigError, RunConfig, from_config_dict
 from lm.data.corpus import prepare_stdlib
 from lm.data.dataset import Dataset
@@ -268,8 +268,6 @@ def train(run: RunConfig, workdir: str) -> TrainState:
     _check_batch_splits(run, mesh)
     ckpt = Checkpointer(workdir, keep=run.checkpoint.keep, keep_every=run.checkpoint.keep_every,
                         async_save=run.checkpoint.async_save)
-    if ckpt.all_steps():
-        _check_same_model(run, ckpt)
     dataset = open_dataset(run, workdir)
     train_data, eval_data = _loaders(run, dataset, mesh)
     _record_data(workdir, dataset)
@@ -282,7 +280,7 @@ def train(run: RunConfig, workdir: str) -> TrainState:
                       f"{dataset.num_tokens('train'):,} train tokens "
                       f"({train_data.num_sequences:,} sequences) from {dataset.path}" +
                       (f"; resumed from step {start}" if start else ""))
-        saver = _Saver(run, ckpt, train_data)
+        saver = _Saver(run, ckpt, train_data, state)
         evaluate = _evaluator(run, trainer, eval_data, tracker)
         state = _loop(run, trainer, state, start, train_data, tracker, saver, evaluate, stop)
         train_data.close()
@@ -301,13 +299,13 @@ def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train
     lr = schedule(run.optim, t.steps)
     tracker.advance(start)
     timer = _Throughput(t.batch_size * t.seq_len)
-    previous = None  # (step, loss) of the step before
+    previous = None  # (step, metrics) of the step before
     step = start
     for step in range(start + 1, t.steps + 1):
         state, metrics = trainer.train_step(state, next(train_data))
         if previous is not None:
-            saver.require_finite(*previous)
-        previous = (step, metrics["loss"])
+            saver.check(*previous)
+        previous = (step, metrics)
         timer.tick(metrics)
         if step % t.log_every == 0 or step == t.steps:
             host = jax.device_get(metrics)  # waits for the step: the timer's window ends here
@@ -316,14 +314,14 @@ def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train
                 "lr": float(lr(step - 1 - skipped)), "skipped_steps": skipped,
                 "tokens_per_s": timer.rate()})
         if step % t.eval_every == 0 or step == t.steps:
-            saver.require_finite(step, metrics["loss"])
+            saver.check(step, metrics)
             evaluate(step, state.params)
             timer.restart()  # don't bill evaluation to training
         if run.checkpoint.every and step % run.checkpoint.every == 0:
-            saver.save(step, state, metrics["loss"])
+            saver.save(step, state, metrics)
         tracker.advance(step)
         if stop.agreed(step):
-            saver.save(step, state, metrics["loss"])
+            saver.save(step, state, metrics)
             tracker.write(f"received {stop.name}: saved step {step} in "
                           f"{saver.ckpt.directory}; run the same command to resume")
             return state
@@ -356,27 +354,59 @@ class _Throughput:
 
 
 class _Saver:
-    """Saves each step at most once, and never past a non-finite loss: with
-    train.skip_nonfinite off and no dynamic loss scaling, such a loss stops the run."""
+    """Saves each step at most once, and names as good only a checkpoint whose own loss was seen
+    finite. A step's loss is that of the parameters *before* its update, so `check(step)` judges
+    the state of step - 1: a non-finite loss (train.skip_nonfinite off, no dynamic loss scaling)
+    or train.max_skipped_steps consecutive skipped steps stop the run, and the checkpoints from
+    the first bad state on are moved aside as STEP.nonfinite, so that the same command resumes
+    from a good one."""
 
-    def __init__(self, run: RunConfig, ckpt: Checkpointer, train_data: Loader):
+    def __init__(self, run: RunConfig, ckpt: Checkpointer, train_data: Loader, state: TrainState):
         self.run, self.ckpt, self.train_data = run, ckpt, train_data
         self.stop_on_nonfinite = not (run.train.skip_nonfinite or run.precision.dynamic)
+        self.max_skipped = 0 if self.stop_on_nonfinite else run.train.max_skipped_steps
         self.saved = set(ckpt.all_steps())
+        self.checked = int(jax.device_get(state.step))  # the last step check() has seen
+        self.skipped = int(jax.device_get(state.loss_scale["skipped"]))  # total so far
+        self.skipping_since = None  # the first of the current consecutive skipped steps
 
-    def require_finite(self, step: int, loss) -> None:
-        if self.stop_on_nonfinite and not np.isfinite(float(loss)):
-            self.ckpt.wait()
-            last = max(self.saved, default=None)
-            raise TrainingStopped(
-                f"the loss is {float(loss)} at step {step}: stopping (the state after it is "
-                f"not saved; the last good checkpoint is "
-                f"{f'step {last}' if last else 'none'}). Lower optim.lr, raise "
-                "optim.warmup_steps or optim.clip_norm, or set train.skip_nonfinite=True to "
-                "skip such steps")
+    def check(self, step: int, metrics: dict) -> None:
+        """Judges step's metrics (once; waits for that step)."""
+        if step <= self.checked or not (self.stop_on_nonfinite or self.max_skipped):
+            return
+        self.checked = step
+        if self.stop_on_nonfinite:
+            if not np.isfinite(loss := float(metrics["loss"])):
+                self._stop(step, f"the loss is {loss} at step {step}", "set train.skip_nonfinite"
+                           "=True to skip such steps")
+            return
+        skipped = int(metrics["skipped_steps"])
+        self.skipping_since = (self.skipping_since or step) if skipped > self.skipped else None
+        self.skipped = skipped
+        if self.skipping_since and step - self.skipping_since + 1 >= self.max_skipped:
+            self._stop(self.skipping_since, f"{step - self.skipping_since + 1} consecutive steps "
+                       f"were skipped (steps {self.skipping_since}-{step}: non-finite gradients; "
+                       f"loss scale {float(metrics['loss_scale']):g} at step {step})",
+                       "raise train.max_skipped_steps (0: no limit) to keep going")
 
-    def save(self, step: int, state: TrainState, loss) -> None:
-        self.require_finite(step, loss)
+    def _stop(self, first_bad: int, what: str, advice: str) -> None:
+        """Sets aside the checkpoints of states from first_bad - 1 on (the first one's parameters
+        gave the bad step), and stops naming the newest checkpoint left."""
+        self.ckpt.wait()
+        bad = [s for s in self.ckpt.all_steps() if s >= first_bad - 1]
+        self.ckpt.set_aside(bad, "nonfinite")
+        last = max(self.ckpt.all_steps(), default=None)
+        moved = (f" Checkpoint{'s' * (len(bad) > 1)} {', '.join(map(str, bad))} hold the "
+                 "parameters that gave it (or later ones): moved aside as STEP.nonfinite."
+                 ) if bad else ""
+        resume = (f"step {last}: the same command resumes from it" if last else
+                  "none: the same command starts from scratch")
+        raise TrainingStopped(
+            f"{what}: stopping.{moved} The last good checkpoint is {resume}. Lower optim.lr, "
+            f"raise optim.warmup_steps or optim.clip_norm, or {advice}")
+
+    def save(self, step: int, state: TrainState, metrics: dict) -> None:
+        self.check(step, metrics)
         if step not in self.saved:
             self.ckpt.save(step, state, self.train_data.state_dict(), self.run.to_dict())
             self.saved.add(step)
@@ -462,30 +492,12 @@ def _check_writable(workdir: str) -> None:
         raise ConfigError(f"--workdir {workdir} is not writable: {e}") from None
 
 
-def _check_same_model(run: RunConfig, ckpt: Checkpointer) -> None:
-    """Resuming must train the same model: compare with the config saved in the checkpoint."""
-    saved = ckpt.restore_config(ckpt.latest_step())
-    if saved is None:
-        return
-    now = run.to_dict()
-    keys = [("model", k) for k in now["model"]] + [("precision", "param_dtype"),
-                                                    ("precision", "compute_dtype")]
-    diff = {f"{s}.{k}": (saved.get(s, {}).get(k), now[s][k]) for s, k in keys
-            if saved.get(s, {}).get(k) != now[s][k]}
-    if diff:
-        raise ConfigError(f"--workdir {os.path.dirname(ckpt.directory)} holds checkpoints of "
-                          "another model (" + ", ".join(f"{k}: saved {a!r}, now {b!r}"
-                                                        for k, (a, b) in diff.items()) +
-                          "); use a new --workdir, or train.init_from to start from its "
-                          "parameters")
-
-
 def _initial_state(run: RunConfig, trainer: Trainer, ckpt: Checkpointer, train_data: Loader,
                    tracker: Tracker) -> tuple[int, TrainState]:
     """(step, state): the latest good checkpoint's, else fresh (from train.init_from's
     parameters if set)."""
     if ckpt.all_steps():
-        restored = ckpt.restore_latest(trainer.abstract_state(), log=tracker.write)
+        restored = ckpt.restore_latest(trainer.abstract_state(), run.to_dict(), tracker.write)
         if restored is None:
             raise ConfigError(f"no checkpoint in {ckpt.directory} could be restored (the "
                               "damaged ones were moved aside as STEP.damaged); run again to "
@@ -499,7 +511,7 @@ def _initial_state(run: RunConfig, trainer: Trainer, ckpt: Checkpointer, train_d
         return step, state
     if run.train.init_from:
         abstract = trainer.abstract_state().params
-        step, params = restore_params(run.train.init_from, abstract)
+        _, _, step, params = load_params(run.train.init_from, lambda _: abstract, tracker.write)
         tracker.write(f"parameters from {run.train.init_from} (step {step})")
         return 0, trainer.init_from_params(params)
     return 0, trainer.init()

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, small_run
 from lm import sharding, train
-from lm.checkpoint import Checkpointer, restore_params
+from lm.checkpoint import Checkpointer, load_params
 from lm.config import MeshConfig
 
 
@@ -64,28 +64,38 @@ def wait_for(predicate, proc, timeout=300):
         time.sleep(0.02)
 
 
-def test_sigkill_after_a_checkpoint_resumes_bit_for_bit(tmp_path, data):
+def test_sigkill_after_and_during_a_save_resumes_bit_for_bit(tmp_path, data):
     whole = run(command(tmp_path / "whole", data, "--config.train.steps=20",
                         "--config.checkpoint.every=10"))
     assert whole.returncode == 0, whole.stderr[-2000:]
     want = losses(tmp_path / "whole")
     assert sorted(want) == list(range(1, 21))
 
-    workdir = tmp_path / "killed"
-    proc = start(command(workdir, data, "--config.train.steps=20",
-                         "--config.checkpoint.every=10"))
-    wait_for(lambda: (workdir / "checkpoints" / "10").is_dir(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert max(losses(workdir)) < 20  # it really died mid-run
-    assert sorted(Checkpointer(str(workdir), read_only=True).all_steps()) == [10]
+    def kill_then_resume(workdir, every, when, resumed):
+        proc = start(command(workdir, data, "--config.train.steps=20",
+                             f"--config.checkpoint.every={every}"))
+        wait_for(when, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert max(losses(workdir)) < 20  # it really died mid-run
+        assert Checkpointer(str(workdir), read_only=True).all_steps() == [resumed]
+        again = run(command(workdir, data, "--config.train.steps=20",
+                            f"--config.checkpoint.every={every}"))
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert f"resumed from step {resumed}" in again.stdout + again.stderr
+        got = losses(workdir)
+        assert [got[s] for s in range(resumed + 1, 21)] == [want[s] for s in range(resumed + 1,
+                                                                                   21)]
 
-    again = run(command(workdir, data, "--config.train.steps=20",
-                        "--config.checkpoint.every=10"))
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "resumed from step 10" in again.stdout + again.stderr
-    got = losses(workdir)
-    assert [got[s] for s in range(11, 21)] == [want[s] for s in range(11, 21)]  # bit for bit
+    # After the step-10 checkpoint is complete.
+    kill_then_resume(tmp_path / "after", 10, lambda: (tmp_path / "after" / "checkpoints" /
+                                                      "10").is_dir(), resumed=10)
+    # During the asynchronous save of step 10 (orbax writes STEP.orbax-checkpoint-tmp, renamed
+    # when complete; ~0.6 s here): the next start resumes from step 5, the last complete one.
+    during = tmp_path / "during" / "checkpoints"
+    kill_then_resume(tmp_path / "during", 5, lambda: (during / "5").is_dir() and any(
+        p.name.startswith("10.orbax-checkpoint-tmp") for p in during.iterdir()), resumed=5)
+    assert not (during / "10").exists()
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, data):
@@ -167,25 +177,59 @@ def test_a_checkpoint_restores_onto_other_meshes_and_as_parameters_only(tmp_path
     mesh = sharding.make_mesh(run_lamb.mesh, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         trainer = train.build(run_lamb, mesh)
-        step, params = restore_params(str(tmp_path), trainer.abstract_state().params)
+        abstract = trainer.abstract_state().params
+        _, _, step, params = load_params(str(tmp_path), lambda _: abstract)
         fresh = trainer.init_from_params(params)
     assert step == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh.params), saved_params)
     assert int(fresh.step) == 0
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
+def test_a_non_finite_loss_stops_the_run_and_names_a_checkpoint_whose_loss_is_finite(
+        tmp_path, data):
     workdir = tmp_path / "run"
-    proc = run(command(workdir, data, "--config.train.steps=50", "--config.optim.name=sgd",
-                       "--config.optim.lr=1e6", "--config.optim.warmup_steps=0",
-                       "--config.checkpoint.every=1"))
+    diverge = command(workdir, data, "--config.train.steps=50", "--config.optim.name=sgd",
+                      "--config.optim.lr=1e6", "--config.optim.warmup_steps=0",
+                      "--config.checkpoint.every=1")
+    proc = run(diverge)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "the loss is nan at step" in proc.stderr or "the loss is inf at step" in proc.stderr
     assert "Traceback" not in proc.stderr
     bad = int(proc.stderr.split(" at step ")[1].split(":")[0])
     steps = Checkpointer(str(workdir), read_only=True).all_steps()
-    assert steps and max(steps) < bad  # nothing at or after the bad step was saved
-    assert f"the last good checkpoint is step {max(steps)}" in proc.stderr
+    # The loss of step `bad` came from the parameters of step bad - 1: that checkpoint is set
+    # aside (renamed, not deleted), and the one named is older.
+    assert steps and max(steps) == bad - 2
+    assert (workdir / "checkpoints" / f"{bad - 1}.nonfinite").is_dir()
+    assert f"The last good checkpoint is step {bad - 2}" in proc.stderr
+    first = losses(workdir)
+    assert all(np.isfinite(first[s]) for s in range(1, bad))
+
+    again = run(diverge)  # the same command: it resumes from the named checkpoint
+    assert f"resumed from step {bad - 2}" in again.stdout + again.stderr, again.stderr[-2000:]
+    assert np.isfinite(losses(workdir)[bad - 1])  # the next step's loss is finite
+
+
+def test_consecutive_skipped_steps_under_fp16_loss_scaling_stop_the_run(tmp_path, data):
+    # float16 compute turns on dynamic loss scaling (non-finite steps are skipped); a huge
+    # learning rate makes every step after the first overflow. A smaller model for speed.
+    proc = run(command(tmp_path / "run", data, "--config.train.steps=200",
+                       "--config.precision.compute_dtype=float16", "--config.optim.name=sgd",
+                       "--config.optim.lr=1e6", "--config.optim.warmup_steps=0",
+                       "--config.checkpoint.every=20", "--config.model.num_layers=1",
+                       "--config.model.d_model=64", "--config.model.mlp_dim=128",
+                       "--config.train.seq_len=32", "--config.train.batch_size=4"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "50 consecutive steps were skipped (steps 2-51" in proc.stderr
+    assert "loss scale 1 at step 51" in proc.stderr  # backed off to precision.min_scale
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert max(r["step"] for r in records) < 60  # it stopped, not ran to 200
+    assert [r["skipped_steps"] for r in records if r["step"] <= 51] == list(range(51))
+    # Checkpoints 20 and 40 hold the step-1 parameters that overflowed: set aside, none named.
+    assert Checkpointer(str(tmp_path / "run"), read_only=True).all_steps() == []
+    assert (tmp_path / "run" / "checkpoints" / "40.nonfinite").is_dir()
+    assert "The last good checkpoint is none" in proc.stderr
 
 
 def test_an_unwritable_workdir_and_a_full_disk_are_clear_errors(tmp_path, data):
