@@ -9,9 +9,13 @@
 
 Saves are asynchronous by default: the train loop only waits for the device-to-host copy, and
 orbax writes each step into a temporary directory renamed when complete, so a process killed
-mid-save never leaves a step that would be picked up. A step that is complete but damaged
-(truncated or missing files) fails to restore: `restore_latest` then names it, moves it aside
-(`STEP.damaged`, nothing is deleted) and uses the one before.
+mid-save never leaves a step that would be picked up.
+
+Which step is used is decided in one place for every consumer: `Checkpointer.restore_latest`
+(training) and `load_params` (train.init_from, generate, serve, export, convert) judge each step
+newest first as incompatible (another model, optimizer or tree: an error, nothing renamed),
+damaged (missing, truncated or unreadable files: training moves it aside as STEP.damaged, readers
+skip it) or transient (out of memory, I/O trouble: an error, nothing renamed).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as keeping
 
 from lm.config import ConfigError, RunConfig, defaults, from_config_dict
 
@@ -36,17 +41,34 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 2, keep_every: int = 0,
                  async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.options = dict(max_to_keep=keep, keep_period=keep_every or None,
-                            enable_async_checkpointing=async_save, read_only=read_only)
+        self.keep, self.keep_every = keep, keep_every
+        self.options = dict(enable_async_checkpointing=async_save, read_only=read_only)
         self.manager = self._manager()
 
     def _manager(self) -> ocp.CheckpointManager:
+        policies = [keeping.LatestN(self.keep), keeping.CustomSteps(self._promised())]
+        policies += [keeping.EveryNSteps(self.keep_every)] if self.keep_every else []
         return ocp.CheckpointManager(
             self.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
                                            "loader": ocp.JsonCheckpointHandler(),
                                            "config": ocp.JsonCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(create=not self.options["read_only"],
-                                                 **self.options))
+            options=ocp.CheckpointManagerOptions(
+                create=not self.options["read_only"],
+                preservation_policy=keeping.AnyPreservationPolicy(policies), **self.options))
+
+    def _promised(self) -> list[int]:
+        """Steps an earlier run kept permanently (a multiple of its checkpoint.keep_every): a
+        rerun with another (or no) keep_every must not delete them."""
+        promised = []
+        for step in (int(d) for d in _listdir(self.directory) if d.isdigit()):
+            try:
+                every = (saved_config(os.path.join(self.directory, str(step))) or {}).get(
+                    "checkpoint", {}).get("keep_every", 0)
+            except RESTORE_ERRORS:  # a damaged config: the restore will say so
+                continue
+            if every and step % every == 0:
+                promised.append(step)
+        return promised
 
     def save(self, step: int, state: Any, loader_state: dict | None = None,
              config: dict | None = None) -> None:
@@ -266,6 +288,10 @@ def saved_config(step_dir: str) -> dict | None:
         return None
     with open(path) as f:
         return _upgrade(json.load(f))
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
 
 
 def step_dirs(path: str) -> tuple[list[str], bool]:

@@ -71,8 +71,8 @@ def run(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
 
     `layer_fn(x_btd, layer_state) -> (x_btd, None)` is one layer (as scanned by the model);
     `block_state` its parameters stacked along a leading [L] axis; `wrap_stage` wraps one
-    stage's work in an iteration (the model's remat: `jax.checkpoint` with its policy). Row r of the batch goes to micro-batch r % M (so each device's rows
-    stay on it)."""
+    stage's work in an iteration (the model's remat: `jax.checkpoint` with its policy). Row r
+    of the batch goes to micro-batch r % M (so each device's rows stay on it)."""
     s_, m_, v_ = pipe.stages, pipe.microbatches, pipe.virtual_stages
     b, t, d = x_btd.shape
     num_layers = jax.tree.leaves(block_state)[0].shape[0]

@@ -181,7 +181,7 @@ def layer_arrays(m, s: int, shape: dict, lay: sharding.Layout) -> tuple[float, f
         kept = full
     elif m.remat == "full":
         kept = 1 / shared_div
-    elif m.remat == "dots":  # matmul outputs: q, k, v, MLP pre-activations, both projections' outputs
+    elif m.remat == "dots":  # matmul outputs: q, k, v, MLP pre-activations, the projections
         kept = 3 / shared_div + (1 + 2 * k / n + 1 + mlp_in) / tp
     else:  # minimal: the layer input and the attention output
         kept = 1 / shared_div + 1 / tp

@@ -152,7 +152,8 @@ def resolve_ici_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     if fill:
         if num_devices % fixed:
             raise ConfigError(f"mesh: the fixed axes ({fixed} devices) do not divide the "
-                              f"{num_devices} available devices, so 'mesh.{fill[0]}=-1' cannot fill")
+                              f"{num_devices} available devices, so 'mesh.{fill[0]}=-1' "
+                              "cannot fill")
         shape[fill[0]] = num_devices // fixed
     if math.prod(shape.values()) != num_devices:
         raise ConfigError(f"mesh: {shape} uses {math.prod(shape.values())} devices but "

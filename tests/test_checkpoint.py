@@ -117,14 +117,25 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, data):
     assert max(losses(workdir)) == stopped + 2
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, data):
+def test_damaged_checkpoints_fall_back_and_incompatible_ones_are_refused_renaming_nothing(
+        tmp_path, data):
     workdir = tmp_path / "run"
+    ckpts = workdir / "checkpoints"
     first = run(command(workdir, data, "--config.train.steps=8", "--config.checkpoint.every=1",
                         "--config.checkpoint.keep=2", "--config.checkpoint.keep_every=4"))
     assert first.returncode == 0, first.stderr[-2000:]
     # keep 2 most recent, and every multiple of 4
     assert Checkpointer(str(workdir), read_only=True).all_steps() == [4, 7, 8]
-    for root, _, files in os.walk(workdir / "checkpoints" / "8" / "state"):
+
+    # Another optimizer: refused (exit 2) naming the optimizer state; nothing renamed.
+    other = run(command(workdir, data, "--config.train.steps=9", "--config.optim.name=sgd"))
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "optim.name: saved 'adamw', now 'sgd'" in other.stderr
+    assert "the optimizer state differs" in other.stderr and "Traceback" not in other.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["4", "7", "8"]
+
+    # Truncated state files: set aside as 8.damaged, resumed from 7.
+    for root, _, files in os.walk(ckpts / "8" / "state"):
         for name in files:  # truncate every file of the newest checkpoint's state
             path = os.path.join(root, name)
             with open(path, "r+b") as f:
@@ -133,8 +144,64 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, data
     assert again.returncode == 0, again.stderr[-2000:]
     log = again.stdout + again.stderr
     assert "checkpoint step 8" in log and "is damaged" in log and "resumed from step 7" in log
-    assert (workdir / "checkpoints" / "8.damaged").is_dir()  # set aside, not deleted
+    assert (ckpts / "8.damaged").is_dir()  # set aside, not deleted
     assert sorted(losses(workdir)) == list(range(1, 10))
+    # 4 is still kept: the first run promised it (keep_every=4), whatever this run says.
+    assert Checkpointer(str(workdir), read_only=True).all_steps() == [4, 7, 9]
+
+    # A truncated config item of the newest step: generation reads the step before (and renames
+    # nothing: a reader leaves the workdir alone); training sets it aside and resumes.
+    config = ckpts / "9" / "config" / "metadata"
+    config.write_bytes(config.read_bytes()[:len(config.read_bytes()) // 2])
+    gen = subprocess.run([sys.executable, "-m", "lm.generate", "--checkpoint", str(workdir),
+                          "--prompt", "def ", "--max-new-tokens", "4", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_DEVICE)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert f"checkpoint {ckpts / '9'} is damaged" in gen.stderr and "nothing renamed" in gen.stderr
+    assert len(json.loads(gen.stdout)["token_ids"]) >= 1
+    assert (ckpts / "9").is_dir()
+    resumed = run(command(workdir, data, "--config.train.steps=10"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 7" in resumed.stdout + resumed.stderr
+    assert (ckpts / "9.damaged").is_dir()
+
+
+def test_transient_restore_failures_rename_nothing_and_one_step_has_no_fallback(
+        tmp_path, monkeypatch):
+    """Out of memory while restoring is not damage: the error is named, nothing is renamed.
+    (OOM cannot be provoked here, so orbax's restore is made to raise what XLA raises.)"""
+    import shutil
+
+    from lm.config import ConfigError
+    run_cfg = small_run(**{"train.steps": 2, "mesh.data": 1})
+    mesh = sharding.make_mesh(run_cfg.mesh, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        trainer = train.build(run_cfg, mesh)
+        ckpt = Checkpointer(str(tmp_path))
+        for step in (1, 2):
+            ckpt.save(step, trainer.init(), {}, run_cfg.to_dict())
+        ckpt.close()
+        abstract = trainer.abstract_state()
+
+        def out_of_memory(*args, **kwargs):
+            raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2G")
+        ckpt = Checkpointer(str(tmp_path))
+        monkeypatch.setattr(ckpt.manager, "restore", out_of_memory)
+        with pytest.raises(ConfigError, match="cannot read checkpoint .*RESOURCE_EXHAUSTED"):
+            ckpt.restore_latest(abstract, run_cfg.to_dict(), log=print)
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+        monkeypatch.undo()
+        ckpt.close()
+
+        # A damaged step named explicitly is an error (no silent fallback); the workdir falls
+        # back to step 1.
+        shutil.rmtree(tmp_path / "checkpoints" / "2" / "state" / "d")
+        with pytest.raises(ConfigError, match="checkpoints/2 .*it is damaged"):
+            load_params(str(tmp_path / "checkpoints" / "2"), lambda _: abstract.params)
+        messages = []
+        _, _, step, _ = load_params(str(tmp_path), lambda _: abstract.params, messages.append)
+        assert step == 1 and "checkpoints/2 is damaged" in messages[0]
+        assert (tmp_path / "checkpoints" / "2").is_dir()
 
 
 def test_a_checkpoint_restores_onto_other_meshes_and_as_parameters_only(tmp_path):

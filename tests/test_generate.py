@@ -187,7 +187,6 @@ def test_int8_keeps_held_out_perplexity_within_1_percent(tmp_path):
 
     import optax
 
-    from lm.checkpoint import run_config_of
     from lm.data.dataset import Dataset
     from lm.data.loader import Loader, LoaderState
     from lm.quantize import Int8Array, quantize, weight_bytes
@@ -207,7 +206,6 @@ def test_int8_keeps_held_out_perplexity_within_1_percent(tmp_path):
     assert wo.scale.shape == (4, 1, 1, 256)  # one scale per layer and output channel
     assert weight_bytes(qparams) < weight_bytes(params) / 2.5
 
-    run, _ = run_config_of(str(workdir))
     val = Loader(Dataset(str(workdir / "data" / "stdlib")).split("val"), 16, 128, 0,
                  shuffle=False)
     batches = [np.asarray(val.batch_at(LoaderState(0, i * 16))) for i in range(4)]

@@ -142,7 +142,8 @@ def test_schedules_and_batch_size_scaling():
 class MegatronScaler:
     """Megatron-LM's DynamicGradScaler.update, transcribed."""
 
-    def __init__(self, scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale):
+    def __init__(self, scale, growth_factor, backoff_factor, growth_interval, hysteresis,
+                 min_scale):
         self.scale, self.gf, self.bf, self.interval = scale, growth_factor, backoff_factor, \
             growth_interval
         self.hysteresis, self.min_scale = hysteresis, min_scale

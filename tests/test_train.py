@@ -100,7 +100,8 @@ def test_trains_on_a_prepared_bpe_corpus(tmp_path):
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [3]
     tok = from_workdir(str(tmp_path / "run"))
-    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 1000 and tok.decode(tok.encode("def f(): ✓")) == "def f(): ✓"
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 1000
+    assert tok.decode(tok.encode("def f(): ✓")) == "def f(): ✓"
     with pytest.raises(ConfigError, match="model.vocab_size' \\(512\\) is smaller"):
         train.train(small_run(**{"data.path": data, "model.vocab_size": 512}),
                     str(tmp_path / "run2"))
