@@ -389,6 +389,13 @@ def test_a_flipped_byte_or_a_foreign_token_id_is_refused_naming_the_shard(tmp_pa
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"shard {path}: bytes 0-.* do not match their crc32"):
         Dataset(str(out))
+    train = subprocess.run(  # the next run refuses to start, naming the shard
+        [sys.executable, "-m", "lm.train", "--config", "configs/tiny.py", "--workdir",
+         str(tmp_path / "run"), f"--config.data.path={out}", "--config.mesh.data=1"],
+        capture_output=True, text=True, cwd=root, timeout=120,
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert train.returncode == 2 and f"shard {path}: bytes 0-" in train.stderr, train.stderr
+    assert "Traceback" not in train.stderr
     bad = verify(out)
     assert bad.returncode == 1 and f"damaged: shard {path}" in bad.stdout
     assert "1 of" in bad.stdout and "Traceback" not in bad.stderr

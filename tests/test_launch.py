@@ -44,8 +44,9 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, data):
                          cwd=ROOT, timeout=600,
                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, LAUNCH, "-n", "2", "--devices-per-process", "2", "--",
-                          *train_cmd(tmp_path / "two", data)],
+    launch = [sys.executable, LAUNCH, "-n", "2", "--devices-per-process", "2", "--"]
+    two = subprocess.run([*launch, *train_cmd(tmp_path / "two", data),
+                          "--config.checkpoint.every=4"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert two.returncode == 0, two.stdout[-3000:]
     # Both processes ran, process 0 alone wrote the metrics (5 records, not 10).
@@ -54,8 +55,8 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, data):
     want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(got) == 5
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    # One checkpoint, written jointly, restores in this single process (onto 4 of its devices).
-    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["5"]
+    # Checkpoints written jointly restore in this single process (onto 4 of its devices).
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["4", "5"]
     from conftest import small_run
     from lm import sharding, train
     from lm.checkpoint import Checkpointer
@@ -71,6 +72,18 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, data):
             ckpt.close()
     assert int(states[1].step) == 5
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *states)
+
+    # Step 5 damaged: both processes judge it, agree, process 0 alone moves it aside, and both
+    # resume from step 4 (the loss of step 5 is the unbroken run's again).
+    for root, _, files in os.walk(tmp_path / "two" / "checkpoints" / "5" / "state"):
+        for name in files:
+            os.truncate(os.path.join(root, name), 0)
+    again = subprocess.run([*launch, *train_cmd(tmp_path / "two", data, steps=5)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "resumed from step 4" in again.stdout and "checkpoint step 5" in again.stdout
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["4", "5", "5.damaged"]
+    np.testing.assert_allclose(losses(tmp_path / "two")[-1], want[4], rtol=1e-5)
 
 
 def test_a_crashing_process_stops_the_others(tmp_path):
