@@ -222,7 +222,7 @@ def _agree(verdict: str, detail: str) -> tuple[str, str]:
     codes = multihost_utils.process_allgather(np.int32(_VERDICTS.index(verdict)))
     worst = int(codes.max())
     if worst != _VERDICTS.index(verdict):
-        detail = f"so process {int(codes.argmax())} reports"
+        detail = f"process {int(codes.argmax())} found it {_VERDICTS[worst]}"
     return _VERDICTS[worst], detail
 
 
@@ -237,9 +237,9 @@ RESUME_KEYS = (("precision", "param_dtype"), ("precision", "compute_dtype"),
 
 
 def _config_diff(saved: dict, now: dict) -> list[str]:
-    """The RESUME_KEYS (and model.*) whose saved value differs from this run's; a key missing
-    from an older checkpoint counts as its default."""
-    saved, default = _upgrade(saved), defaults().to_dict()
+    """The RESUME_KEYS (and model.*) whose saved value (`saved_config`'s, already upgraded)
+    differs from this run's; a key missing from an older checkpoint counts as its default."""
+    default = defaults().to_dict()
     keys = [("model", k) for k in now["model"]] + list(RESUME_KEYS)
     return [f"{s}.{k}: saved {old!r}, now {now[s][k]!r}" for s, k in keys
             if (old := saved.get(s, {}).get(k, default[s][k])) != now[s][k]]
@@ -283,9 +283,12 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def saved_config(step_dir: str) -> dict | None:
     """The run config saved in a step (its `config` item), or None for a step without one; a
     damaged item raises (ValueError / OSError)."""
-    path = os.path.join(step_dir, "config", "metadata")
     if not os.path.isdir(os.path.join(step_dir, "config")):
         return None
+    return _read_config(os.path.join(step_dir, "config", "metadata"))
+
+
+def _read_config(path: str) -> dict:
     with open(path) as f:
         return _upgrade(json.load(f))
 
@@ -325,8 +328,7 @@ def load_params(path: str, abstract_for: Callable[[RunConfig | None], Any],
         try:
             saved = saved_config(step_dir)
             if saved is None and os.path.exists(os.path.join(workdir, "config.json")):
-                with open(os.path.join(workdir, "config.json")) as f:
-                    saved = _upgrade(json.load(f))
+                saved = _read_config(os.path.join(workdir, "config.json"))
             run = None if saved is None else from_config_dict(ml_collections.ConfigDict(saved))
             abstract = abstract_for(run)
             problems = _tree_diff(step_dir, {"params": abstract}, partial=True)
