@@ -34,7 +34,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as keeping
 
-from lm.config import ConfigError, RunConfig, defaults, from_config_dict
+from lm.config import ConfigError, ModelConfig, RunConfig, defaults, from_config_dict
 
 
 class Checkpointer:
@@ -237,10 +237,12 @@ RESUME_KEYS = (("precision", "param_dtype"), ("precision", "compute_dtype"),
 
 
 def _config_diff(saved: dict, now: dict) -> list[str]:
-    """The RESUME_KEYS (and model.*) whose saved value (`saved_config`'s, already upgraded)
-    differs from this run's; a key missing from an older checkpoint counts as its default."""
+    """The RESUME_KEYS (and model.*, but for its EXECUTION_KEYS) whose saved value
+    (`saved_config`'s, already upgraded) differs from this run's; a key missing from an older
+    checkpoint counts as its default."""
     default = defaults().to_dict()
-    keys = [("model", k) for k in now["model"]] + list(RESUME_KEYS)
+    keys = [("model", k) for k in now["model"] if k not in ModelConfig.EXECUTION_KEYS]
+    keys += RESUME_KEYS
     return [f"{s}.{k}: saved {old!r}, now {now[s][k]!r}" for s, k in keys
             if (old := saved.get(s, {}).get(k, default[s][k])) != now[s][k]]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -24,6 +25,7 @@ STYLES = ("gpt2", "llama")
 OPTIMIZERS = ("adamw", "lamb", "lars", "nvlamb", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt")
 REMAT = ("none", "full", "dots", "minimal")
+ATTENTION = ("auto", "xla", "cudnn")
 LOSS_SCALE = ("auto", "dynamic", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence", "pipeline")
@@ -78,6 +80,13 @@ class ModelConfig:
                             "with remat) or unroll them (often faster steps for shallow models)")
     remat: str = key("none", "what a layer keeps for the backward pass: 'none', 'full' (its "
                      "input), 'dots' (matmul outputs), 'minimal' (the attention output)", REMAT)
+    attention: str = key("auto", "'cudnn' (fused flash attention: NVIDIA SM80+, bf16/fp16, "
+                         "head_dim <= 128, multiple of 8), 'xla' (jax.nn.dot_product_attention's "
+                         "XLA path) or 'auto' (cudnn where it runs, else lm's own: "
+                         "lm.model.causal_attention)", ATTENTION)
+
+    # Keys that change how the layers run, not the parameters: a run may resume with others.
+    EXECUTION_KEYS = ("scan_layers", "remat", "attention")
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +118,14 @@ class TrainConfig:
                                  ge=0)
     init_from: str = key("", "start from these parameters (a checkpoint directory, a workdir, "
                          "or an lm.convert from-hf directory); fresh optimizer state")
+    profile_steps: str = key("", "'START:STOP': a jax.profiler trace of steps START..STOP "
+                             "(from 1, inclusive) into WORKDIR/tb (TensorBoard's profile tab); "
+                             "'' = off")
+
+    @property
+    def profile_window(self) -> tuple[int, int] | None:
+        """(START, STOP) of profile_steps; None when off (its form is checked by `validate`)."""
+        return steps_range(self.profile_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +355,15 @@ def from_config_dict(cd: ml_collections.ConfigDict) -> RunConfig:
     return run
 
 
+def steps_range(text: str) -> tuple[int, int] | None:
+    """'START:STOP' -> (START, STOP) with 1 <= START <= STOP; None for '' or any other text."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", text)
+    if match is None:
+        return None
+    start, stop = int(match[1]), int(match[2])
+    return (start, stop) if 1 <= start <= stop else None
+
+
 def validate(run: RunConfig) -> None:
     """The checks that relate keys to each other (types, choices and bounds are checked per
     key)."""
@@ -356,6 +382,9 @@ def validate(run: RunConfig) -> None:
            f"({t.seq_len}) must be <= model.max_len ({m.max_len})")
     _check(t.batch_size % t.microbatches == 0, "train.microbatches",
            f"({t.microbatches}) must divide train.batch_size ({t.batch_size})")
+    _check(not t.profile_steps or t.profile_window, "train.profile_steps",
+           f"must be 'START:STOP' with integers 1 <= START <= STOP (e.g. '10:12'), or '' (no "
+           f"trace), got {t.profile_steps!r}")
     _check(o.name != "nvlamb" or o.clip_norm > 0, "optim.clip_norm",
            "must be positive for nvlamb: it is NVLAMB's max_grad_norm, the global gradient-norm "
            "pre-normalisation (NVIDIA's default 1.0)")

@@ -191,10 +191,11 @@ def _empty_cache(cfg, batch: int, length: int, dtype):
 
 def prefill(model: Transformer, tokens_bp, lengths_b, cache):
     """Writes right-padded prompts [b, p] (row i's first lengths_b[i] tokens are real) into
-    `cache`; returns the float32 logits [b, V] of each row's last prompt token and the cache."""
+    an empty `cache`; returns the float32 logits [b, V] of each row's last prompt token and the
+    cache."""
     b, p = tokens_bp.shape
     logits, cache = model.decode(tokens_bp, jnp.broadcast_to(jnp.arange(p), (b, p)), cache,
-                                 logits_at=lengths_b - 1)
+                                 logits_at=lengths_b - 1, empty=True)
     return logits[:, 0].astype(jnp.float32), cache
 
 

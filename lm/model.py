@@ -29,7 +29,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from lm.config import ModelConfig, PrecisionConfig
+from lm.config import ConfigError, ModelConfig, PrecisionConfig
 from lm.pipeline import Pipeline, run as run_pipeline
 from lm.quantize import Int8Array, quantize_weight
 from lm.sharding import REPLICATED, constrain
@@ -196,6 +196,45 @@ def causal_attention(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T 
     return out.reshape(b, t, n, h).astype(dt)
 
 
+def attention_impl(cfg: ModelConfig, dtype) -> str:
+    """`model.attention` resolved for this backend and compute dtype: 'cudnn', 'xla'
+    (`jax.nn.dot_product_attention`'s implementations) or 'lm' (`causal_attention`: 'auto' where
+    cuDNN cannot run, e.g. on CPUs, where it is the path tuned there)."""
+    why_not = _cudnn_unavailable(jnp.dtype(dtype), cfg.head_dim)
+    if cfg.attention == "auto":
+        return "lm" if why_not else "cudnn"
+    if cfg.attention == "cudnn" and why_not:
+        raise ConfigError(f"model.attention='cudnn' cannot run here: {why_not}; use 'auto' "
+                          "(cuDNN where it runs) or 'xla'")
+    return cfg.attention
+
+
+def _cudnn_unavailable(dtype: jnp.dtype, head_dim: int) -> str:
+    """Why cuDNN's fused attention cannot run on this backend with these shapes ('' if it can):
+    it needs an NVIDIA GPU of compute capability 8.0 or newer, float16 or bfloat16 inputs, and a
+    head_dim that is a multiple of 8, at most 128 (../shared/REFERENCE.md)."""
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or capability is None:
+        return f"it needs an NVIDIA GPU, this backend is {device.platform}"
+    if float(capability) < 8.0:
+        return f"it needs compute capability 8.0 or newer, {device.device_kind} has {capability}"
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        return f"it computes in bfloat16 or float16, precision.compute_dtype is {dtype}"
+    if head_dim % 8 or head_dim > 128:
+        return f"head_dim must be a multiple of 8 up to 128, it is {head_dim}"
+    return ""
+
+
+def attend(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T K H"],
+           v_btkh: Float[Array, "B T K H"], impl: str) -> Float[Array, "B T N H"]:
+    """Causal grouped-query attention by `attention_impl`'s `impl`."""
+    if impl == "lm":
+        return causal_attention(q_btnh, k_btkh, v_btkh)
+    return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True,
+                                        implementation=impl)
+
+
 def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bskh, v_cache_bskh, positions_bt):
     """Attention of T new queries per row (at `positions_bt`, consecutive: a right-padded
     prompt, or one decode step) over the cache's earlier positions and the new keys.
@@ -282,7 +321,9 @@ class Attention(nnx.Module):
                  ) -> Float[Array, "B T D"] | tuple[Float[Array, "B T D"], tuple]:
         """With `cache` = (k [B, S, K, H], v, positions_bt): the queries attend to the cached
         positions and the new keys before them (`cached_attention`); returns (output, (the new
-        keys, values)) for `write_cache`. Without, causal attention over x alone."""
+        keys, values)) for `write_cache`. Without, or with (None, None, positions_bt) (a
+        prefill into an empty cache from position 0), causal attention over x alone
+        (`model.attention`)."""
         cfg, dt = self.cfg, x_btd.dtype
 
         q_btnh, k_btkh, v_btkh = (dense_named(x_btd, w[...]) for w in (self.wq, self.wk, self.wv))
@@ -293,15 +334,15 @@ class Attention(nnx.Module):
         else:
             q_btnh = rope(q_btnh, rope_bt)
             k_btkh = rope(k_btkh, rope_bt)
-        if cache is not None:
+        if cache is not None and cache[0] is not None:
             out_btnh = cached_attention(q_btnh, k_btkh, v_btkh, *cache)
-            kv = (k_btkh, v_btkh)
         else:
-            out_btnh = checkpoint_name(causal_attention(q_btnh, k_btkh, v_btkh), "attention")
+            out_btnh = checkpoint_name(attend(q_btnh, k_btkh, v_btkh, attention_impl(cfg, dt)),
+                                       "attention")
         out_btd = dense_named(out_btnh, self.wo[...], 2)
         if cfg.style == "gpt2":
             out_btd += self.bo[...].astype(dt)
-        return out_btd if cache is None else (out_btd, kv)
+        return out_btd if cache is None else (out_btd, (k_btkh, v_btkh))
 
 
 class Mlp(nnx.Module):
@@ -359,13 +400,15 @@ class Block(nnx.Module):
     def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None):
         """`rope_bt`: the (cos, sin) tables of `rope_tables` (llama style), else None;
         `cache`: see `Attention` (then returns (x, (k, v)))."""
-        if cache is None:
-            x_btd = x_btd + self.attn(self.attn_norm(x_btd), rope_bt)
-        else:
-            attn_btd, kv = self.attn(self.attn_norm(x_btd), rope_bt, cache)
+        with jax.named_scope("block"):  # the names a profiler trace shows
+            with jax.named_scope("attention"):
+                attn_btd = self.attn(self.attn_norm(x_btd), rope_bt, cache)
+            if cache is not None:
+                attn_btd, kv = attn_btd
             x_btd = x_btd + attn_btd
-        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-        x_btd = constrain(x_btd, ("batch", "length", "embed"))
+            with jax.named_scope("mlp"):
+                x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+            x_btd = constrain(x_btd, ("batch", "length", "embed"))
         return x_btd if cache is None else (x_btd, kv)
 
 
@@ -444,12 +487,14 @@ class Transformer(nnx.Module):
         return self.final_norm(x_btd)
 
     def decode(self, tokens_bt: Int[Array, "B T"], positions_bt: Int[Array, "B T"],
-               cache: dict[str, Array], logits_at: Int[Array, "B"] | None = None
-               ) -> tuple[Float[Array, "B T V"], dict[str, Array]]:
+               cache: dict[str, Array], logits_at: Int[Array, "B"] | None = None,
+               empty: bool = False) -> tuple[Float[Array, "B T V"], dict[str, Array]]:
         """The forward pass of new tokens at `positions_bt` against a KV cache (`init_cache`):
         a prefill (T = the prompt length, right-padded) or a decode step (T = 1). Returns the
         logits of the new tokens (only of token `logits_at[b]` of each row, [B, 1, V], when
-        given: a prefill needs just the last prompt token's) and the updated cache."""
+        given: a prefill needs just the last prompt token's) and the updated cache. `empty`:
+        the cache holds nothing yet and positions_bt are 0..T-1, so the layers attend over the
+        new tokens alone, as in training (`model.attention`), and never read the cache."""
         cfg = self.cfg
         dt = jnp.dtype(self.precision.compute_dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
@@ -464,8 +509,8 @@ class Transformer(nnx.Module):
             return nnx.merge(block_def, layer_state)(x_btd, rope_bt,
                                                      (k_bskh, v_bskh, positions_bt))
 
-        x_btd, (k_new, v_new) = jax.lax.scan(layer, x_btd,
-                                             (block_state, cache["k"], cache["v"]))
+        cached = (None, None) if empty else (cache["k"], cache["v"])
+        x_btd, (k_new, v_new) = jax.lax.scan(layer, x_btd, (block_state, *cached))
         cache = {"k": write_cache(cache["k"], positions_bt, k_new),
                  "v": write_cache(cache["v"], positions_bt, v_new)}
         if logits_at is not None:

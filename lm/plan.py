@@ -1,7 +1,9 @@
-"""`python -m lm.plan --config CFG [--config.a.b=V ...] [--devices N] [--json] [--compile]`
+"""`python -m lm.plan --config CFG [--config.a.b=V ...] [--devices N] [--json] [--compile]
+[--tokens N [--mfu X] [--device-kind NAME]]`
 
 Per-device memory, FLOPs and communication of one train step, for any mesh: the model is built
-abstractly (`lm.model.abstract_model`), so a 175B model on 1,024 GPUs plans on a laptop.
+abstractly (`lm.model.abstract_model`), so a 175B model on 1,024 GPUs plans on a laptop. With
+`--tokens`, also the days a run of that many tokens takes on the planned devices (`train_time`).
 
 Accounting (bytes per device):
 - params: each parameter / the devices its `mesh.rules` shard it over (x pipeline stages for the
@@ -30,6 +32,12 @@ estimate, which keeps ZeRO's accounting, is an upper bound there.
   2P(n-1)/n over the data-parallel replicas (zero3 and fsdp: 3P, parameters gathered in forward
   and backward), 4 all-reduces of the block's activations per layer over `tensor` (6 with full
   remat), one activation per microbatch and direction over `pipeline`.
+- time to train N tokens: N / (batch_size x seq_len) steps of the model FLOPs above (remat's
+  recomputation excluded, as MFU counts them) on the devices at a fraction `--mfu` (default
+  0.4) of their datasheet peak in `precision.compute_dtype` (lm.hardware; `--device-kind`,
+  default this machine's). GPT-3 175B on 1,024 A100s, 300B tokens at 35%: about 34 days, the
+  figure of Narayanan et al. 2021 (140 TFLOP/s per GPU counting recomputation: 8/6 x model
+  FLOPs).
 """
 from __future__ import annotations
 
@@ -41,7 +49,7 @@ import sys
 
 import jax
 
-from lm import sharding
+from lm import hardware, sharding
 from lm.config import ConfigError, RunConfig, from_config_dict, load_config_file, override
 from lm.model import abstract_model, param_count
 from lm.pipeline import Pipeline
@@ -49,6 +57,8 @@ from lm.pipeline import Pipeline
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MOMENTS = {"adamw": 2, "lamb": 2, "nvlamb": 2, "lars": 1, "sgd": 1}
 GB = 1e9
+DAY = 86400.0
+DEFAULT_MFU = 0.4
 
 
 def plan(run: RunConfig, devices: int) -> dict:
@@ -164,6 +174,31 @@ def plan(run: RunConfig, devices: int) -> dict:
     }
 
 
+def train_time(run: RunConfig, p: dict, tokens: float, mfu: float = DEFAULT_MFU,
+               device_kind: str | None = None) -> dict:
+    """The days `tokens` take at `mfu` on plan `p`'s devices of `device_kind` (a device_kind
+    or short name known to lm.hardware; default: this machine's), as plan fields."""
+    kind = hardware.this_device_kind() if device_kind is None else device_kind
+    if not tokens > 0:
+        raise ConfigError(f"--tokens must be positive, got {tokens:g}")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1] (a fraction of the peak, e.g. 0.4), got "
+                          f"{mfu:g}")
+    if hardware.part(kind) is None:
+        what = (f"this machine's device ({kind!r}) has no known peak FLOP/s: pass --device-kind"
+                if device_kind is None else f"--device-kind: no peak FLOP/s known for {kind!r}")
+        raise ConfigError(f"{what}; known: {', '.join(hardware.known_names())}")
+    dtype = run.precision.compute_dtype
+    peak = hardware.peak_flops(kind, dtype)
+    if peak is None:
+        raise ConfigError(f"--device-kind: {hardware.part(kind)} has no {dtype} peak "
+                          "(precision.compute_dtype); choose another dtype or part")
+    steps = tokens / (run.train.batch_size * run.train.seq_len)
+    seconds = p["flops_per_step"] * steps / (p["devices"] * peak * mfu)
+    return {"tokens": tokens, "mfu": mfu, "device_kind": kind, "peak_flops": peak,
+            "train_steps": steps, "train_days": seconds / DAY}
+
+
 def layer_arrays(m, s: int, shape: dict, lay: sharding.Layout) -> tuple[float, float, float]:
     """Per layer, in [b, s, d_model] arrays of the compute dtype on one device: what the
     backward keeps with `model.remat` (kept), what one layer computes for it (full), and the
@@ -223,6 +258,10 @@ def format_plan(p: dict) -> str:
                  f"device; {p['flops_with_recompute']:.3e} with remat recomputation)")
     comm = ", ".join(f"{k} {v / GB:.3f} GB" for k, v in p["comm_bytes"].items() if v)
     lines.append(f"sent per device per step: {comm or 'nothing'}")
+    if "train_days" in p:
+        lines.append(f"time to train {p['tokens']:,.0f} tokens ({p['train_steps']:,.0f} steps): "
+                     f"{p['train_days']:,.1f} days on {p['devices']} x {p['device_kind']} at "
+                     f"{p['mfu']:.0%} MFU of {p['peak_flops'] / 1e12:g} TFLOP/s")
     if p["pipeline"]:
         pp = p["pipeline"]
         lines.append(f"pipeline: {pp['schedule']}, {pp['microbatches']} micro-batches"
@@ -240,6 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also compile the step on --devices fake CPU devices and print "
                         "XLA's memory analysis beside the estimate (small models)")
+    parser.add_argument("--tokens", type=float, help="also the days a run of this many tokens "
+                        "takes (300e9 or 300000000000)")
+    parser.add_argument("--mfu", type=float, help="with --tokens: the fraction of the devices' "
+                        f"peak FLOP/s reached, in (0, 1] (default {DEFAULT_MFU})")
+    parser.add_argument("--device-kind", help="with --tokens: the part, e.g. A100, H100, "
+                        "'TPU v5 lite' (default: this machine's jax.devices()[0].device_kind)")
     args, overrides = parser.parse_known_args(argv)
     if args.compile and args.devices:
         # Fake that many CPU devices (before jax starts its backend) to compile the real step.
@@ -258,6 +303,11 @@ def main(argv: list[str] | None = None) -> None:
         devices = args.devices or (math.prod(sizes) * math.prod(run.mesh.dcn_shape().values())
                                    if -1 not in sizes else jax.device_count())
         result = plan(run, devices)
+        if args.tokens is not None:
+            result.update(train_time(run, result, args.tokens, DEFAULT_MFU if args.mfu is None
+                                     else args.mfu, args.device_kind))
+        elif args.mfu is not None or args.device_kind is not None:
+            raise ConfigError("--mfu and --device-kind need --tokens (the run to time)")
         if args.compile:
             result["xla"] = compiled_memory(run)
     except ConfigError as e:

@@ -1,6 +1,7 @@
 """Where metrics go: JSONL, TensorBoard and a progress bar, written by process 0 only.
 
-The jitted step returns metrics as arrays; the host decides when to fetch and log them.
+The jitted step returns metrics as arrays; the host decides when to fetch and log them. A
+metric may be None (JSON null; left out of TensorBoard): MFU where the device's peak is unknown.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Any
 import jax
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
+
+# The metrics the progress bar shows, and how.
+SHOWN = {"loss": "{:.4g}", "eval_loss": "{:.4g}", "tokens_per_s": "{:.4g}", "mfu": "{:.1%}"}
 
 
 class Tracker:
@@ -35,15 +39,15 @@ class Tracker:
             json.dump(config, f, indent=2)
         self.tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float | None]) -> None:
         if not self.active:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        for key, value in metrics.items():
+        known = {k: v for k, v in metrics.items() if v is not None}
+        for key, value in known.items():
             self.tb.add_scalar(key, value, step)
         if self.bar is not None:
-            self.shown.update({k: f"{v:.4g}" for k, v in metrics.items() if k in
-                               ("loss", "eval_loss", "tokens_per_s")})
+            self.shown.update({k: SHOWN[k].format(v) for k, v in known.items() if k in SHOWN})
             self.bar.set_postfix(self.shown, refresh=False)
 
     def advance(self, step: int) -> None:

@@ -4,8 +4,9 @@ The training entry point, the same command on every host. It validates the confi
 dataclasses, builds the mesh, creates the `TrainState` (parameters, optimizer state, optional
 master weights, loss scale, step) already sharded (a jitted constructor with out_shardings from
 the logical axis names), then runs the jitted `train_step` once per batch: forward,
-cross-entropy, backward, optimizer update. Metrics go to DIR/metrics.jsonl, DIR/tb and the
-progress bar; the state to DIR/checkpoints (orbax); a generated sample ends the run.
+cross-entropy, backward, optimizer update. Metrics (loss, speed, MFU: SPEED_METRICS) go to
+DIR/metrics.jsonl, DIR/tb and the progress bar; a profiler trace of train.profile_steps to DIR/tb;
+the state to DIR/checkpoints (orbax); a generated sample ends the run.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import distributed, generate, sharding
+from lm import distributed, generate, hardware, plan, sharding
 from lm.checkpoint import Checkpointer, load_params
 from lm.config import ConfigError, RunConfig, from_config_dict
 from lm.data.corpus import prepare_stdlib
@@ -91,8 +92,6 @@ def loss_fn(graphdef, params, batch_bt: jax.Array, pipeline: Pipeline | None = N
     With a pipeline, the output layer and the loss run one pipeline micro-batch at a time
     (checkpointed), so the [B, T, V] logits of the whole batch never exist at once."""
     model = nnx.merge(graphdef, params)
-    xent = lambda logits_btv, targets_bt: optax.softmax_cross_entropy_with_integer_labels(
-        logits_btv.astype(jnp.float32), targets_bt)
     if pipeline is None:
         return xent(model(batch_bt[:, :-1]), batch_bt[:, 1:]).mean()
     x_btd = model.hidden(batch_bt[:, :-1], pipeline=pipeline)
@@ -102,6 +101,13 @@ def loss_fn(graphdef, params, batch_bt: jax.Array, pipeline: Pipeline | None = N
                             jnp.zeros((), jnp.float32),
                             (split_microbatches(x_btd, m), split_microbatches(batch_bt[:, 1:], m)))
     return total / (batch_bt.shape[0] * (batch_bt.shape[1] - 1))
+
+
+def xent(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+    """[B, T] float32 cross-entropies of [B, T, V] logits (the "loss" scope of a profile)."""
+    with jax.named_scope("loss"):
+        return optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32),
+                                                                targets_bt)
 
 
 def _to_f32(tree):
@@ -164,7 +170,8 @@ def train_step(parts: StepParts, state: TrainState, batch_bt) -> tuple[TrainStat
     with nnx.logical_axis_rules(parts.layout.acts):  # the model's activation constraints
         loss, grads = mean_loss_and_grads(parts, state.params, batch_bt,
                                           state.loss_scale["scale"])
-        updated = apply_update(parts.tx, state, grads)
+        with jax.named_scope("optimizer"):
+            updated = apply_update(parts.tx, state, grads)
     loss_scale = state.loss_scale
     if parts.skip_nonfinite_updates:
         finite = all_finite(grads)
@@ -273,7 +280,9 @@ def train(run: RunConfig, workdir: str) -> TrainState:
     _record_data(workdir, dataset)
     tracker = Tracker(workdir, run.train.steps, progress=run.train.progress)
     tracker.log_hparams(run.to_dict(), workdir)
-    with jax.set_mesh(mesh), _StopRequest() as stop:  # build() sets mesh.rules inside its jits
+    profiler = _Profiler(run.train.profile_window, os.path.join(workdir, "tb"))
+    # build() sets mesh.rules inside its jits; leaving the block ends a trace still running.
+    with jax.set_mesh(mesh), _StopRequest() as stop, profiler:
         trainer = build(run, mesh)
         start, state = _initial_state(run, trainer, ckpt, train_data, tracker)
         tracker.write(f"{param_count(state.params):,} parameters, mesh {dict(mesh.shape)}, "
@@ -282,7 +291,8 @@ def train(run: RunConfig, workdir: str) -> TrainState:
                       (f"; resumed from step {start}" if start else ""))
         saver = _Saver(run, ckpt, train_data, state)
         evaluate = _evaluator(run, trainer, eval_data, tracker)
-        state = _loop(run, trainer, state, start, train_data, tracker, saver, evaluate, stop)
+        state = _loop(run, trainer, state, start, train_data, tracker, saver, evaluate, stop,
+                      profiler)
         train_data.close()
         ckpt.close()
     tracker.finish()
@@ -292,16 +302,19 @@ def train(run: RunConfig, workdir: str) -> TrainState:
 
 
 def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train_data: Loader,
-          tracker: Tracker, saver: "_Saver", evaluate, stop: "_StopRequest") -> TrainState:
-    """Steps start + 1 .. train.steps: log, evaluate, checkpoint, and stop on request. A step's
-    loss is checked once the next step is queued, so the check does not stall the device."""
+          tracker: Tracker, saver: "_Saver", evaluate, stop: "_StopRequest",
+          profiler: "_Profiler") -> TrainState:
+    """Steps start + 1 .. train.steps: log, evaluate, checkpoint, profile, and stop on request.
+    A step's loss is checked once the next step is queued, so the check does not stall the
+    device."""
     t = run.train
     lr = schedule(run.optim, t.steps)
     tracker.advance(start)
-    timer = _Throughput(t.batch_size * t.seq_len)
+    timer = _Throughput.of(run, jax.device_count())
     previous = None  # (step, metrics) of the step before
     step = start
     for step in range(start + 1, t.steps + 1):
+        profiler.before(step)
         state, metrics = trainer.train_step(state, next(train_data))
         if previous is not None:
             saver.check(*previous)
@@ -311,12 +324,15 @@ def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train
             host = jax.device_get(metrics)  # waits for the step: the timer's window ends here
             skipped = int(host["skipped_steps"])  # the schedule follows the optimizer's count
             tracker.log(step, {k: float(v) for k, v in host.items()} | {
-                "lr": float(lr(step - 1 - skipped)), "skipped_steps": skipped,
-                "tokens_per_s": timer.rate()})
+                "lr": float(lr(step - 1 - skipped)), "skipped_steps": skipped} | timer.window())
+        if profiler.after(step, metrics):
+            tracker.write(f"step {step}: profiled steps {profiler.traced} into "
+                          f"{profiler.log_dir} (TensorBoard's profile tab)")
+            timer.restart()  # don't bill writing the trace to training
         if step % t.eval_every == 0 or step == t.steps:
             saver.check(step, metrics)
             evaluate(step, state.params)
-            timer.restart()  # don't bill evaluation to training
+            timer.restart()  # nor evaluation
         if run.checkpoint.every and step % run.checkpoint.every == 0:
             saver.save(step, state, metrics)
         tracker.advance(step)
@@ -330,12 +346,32 @@ def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train
     return state
 
 
-class _Throughput:
-    """Tokens per second over the steps since the last `rate()`, not counting the first step
-    (it compiles) or evaluation (`restart`)."""
+# Logged every train.log_every steps: tokens per second, mean seconds per step, model FLOP/s
+# per device (lm.plan's 6N + 12LTd per token), the same counting remat's recomputation, and
+# their fractions of the device's datasheet peak (lm.hardware): MFU and HFU, None where the
+# peak is unknown (CPUs).
+SPEED_METRICS = ("tokens_per_s", "step_time_s", "tflops_per_device",
+                 "tflops_per_device_with_recompute", "mfu", "hfu")
 
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step, self.start, self.steps = tokens_per_step, None, 0
+
+class _Throughput:
+    """SPEED_METRICS over the steps since the last `window()`, not counting the first step (it
+    compiles), evaluation or writing a trace (`restart`)."""
+
+    def __init__(self, tokens_per_step: int, flops: float, flops_with_recompute: float,
+                 devices: int, peak: float | None):
+        self.tokens_per_step, self.devices, self.peak = tokens_per_step, devices, peak
+        self.flops, self.flops_with_recompute = flops, flops_with_recompute
+        self.start, self.steps = None, 0
+
+    @classmethod
+    def of(cls, run: RunConfig, devices: int) -> "_Throughput":
+        """For `run` on `devices`: lm.plan's model FLOPs per step (without and with remat's
+        recomputation), this machine's datasheet peak (lm.hardware; None on CPUs)."""
+        cost = plan.plan(run, devices)
+        peak = hardware.peak_flops(hardware.this_device_kind(), run.precision.compute_dtype)
+        return cls(run.train.batch_size * run.train.seq_len, cost["flops_per_step"],
+                   cost["flops_with_recompute"], devices, peak)
 
     def tick(self, metrics) -> None:
         if self.start is None:  # count from the end of the first step
@@ -346,11 +382,62 @@ class _Throughput:
     def restart(self) -> None:
         self.start, self.steps = time.perf_counter(), 0
 
-    def rate(self) -> float:
-        """The window's tokens per second (call once its steps are done); starts a new one."""
+    def window(self) -> dict[str, float | None]:
+        """The window's SPEED_METRICS (call once its steps are done); starts a new one. A window
+        without steps (the first, with train.log_every=1) has tokens_per_s 0, the rest None."""
         steps, elapsed = self.steps, time.perf_counter() - self.start
         self.restart()
-        return steps * self.tokens_per_step / elapsed if steps else 0.0
+        if not steps:
+            return dict.fromkeys(SPEED_METRICS) | {"tokens_per_s": 0.0}
+        step_time = elapsed / steps
+        model, with_recompute = (f / self.devices / step_time
+                                 for f in (self.flops, self.flops_with_recompute))
+        of_peak = lambda rate: None if self.peak is None else rate / self.peak
+        return dict(zip(SPEED_METRICS, (
+            self.tokens_per_step / step_time, step_time, model / 1e12, with_recompute / 1e12,
+            of_peak(model), of_peak(with_recompute))))
+
+
+class _Profiler:
+    """train.profile_steps: a jax.profiler trace of steps START..STOP into WORKDIR/tb, where
+    TensorBoard's profile tab finds it (tb/plugins/profile/RUN/HOST.xplane.pb; every process
+    traces its own devices). A run resumed past STOP traces nothing, one resumed inside the
+    window the rest of it; leaving the context (a stop request, an error, a run that ends
+    before STOP) ends the trace."""
+
+    def __init__(self, window: tuple[int, int] | None, log_dir: str):
+        self.window, self.log_dir = window, log_dir
+        self.first, self.tracing = None, False  # the first traced step
+
+    def before(self, step: int) -> None:
+        """Starts the trace before the window's first step (of those this run takes)."""
+        if self.window and not self.tracing and self.window[0] <= step <= self.window[1]:
+            jax.profiler.start_trace(self.log_dir)
+            self.first, self.tracing = step, True
+
+    def after(self, step: int, metrics) -> bool:
+        """Ends the trace once step STOP has run (waits for it); whether it did."""
+        if not self.tracing or step < self.window[1]:
+            return False
+        jax.block_until_ready(metrics)
+        self._stop()
+        return True
+
+    @property
+    def traced(self) -> str:
+        return f"{self.first}-{self.window[1]}"
+
+    def _stop(self) -> None:
+        jax.profiler.stop_trace()
+        self.tracing = False
+
+    def __enter__(self) -> "_Profiler":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.tracing:
+            self._stop()
+        return False
 
 
 class _Saver:

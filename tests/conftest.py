@@ -32,12 +32,12 @@ def small_run(**flat):
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
-    """A small model trained 2 steps by lm.train (checkpoints, tokenizer, config): shared by the
-    generation, export and serving tests."""
+    """A small model trained 2 steps by lm.train (checkpoints, tokenizer, config, metrics, a
+    profile of step 2): shared by the generation, export and serving tests."""
     from lm import train
     out = tmp_path_factory.mktemp("trained") / "run"
     run = small_run(**{"train.steps": 2, "train.sample_tokens": 0, "train.progress": False,
                        "train.eval_every": 2, "train.eval_batches": 1, "mesh.data": 8,
-                       "checkpoint.every": 1})
+                       "checkpoint.every": 1, "train.profile_steps": "2:2"})
     train.train(run, str(out))
     return out

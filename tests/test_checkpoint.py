@@ -346,3 +346,19 @@ def test_the_train_state_is_stored_in_the_dict_layout_of_older_checkpoints(tmp_p
                                      jax.device_get(b))
     same(restored, state)
     same(read_as_dict, as_dict(state))
+
+
+def test_resume_may_change_how_layers_run_but_not_the_model():
+    """model.remat / scan_layers / attention only change execution: a run resumes with others;
+    a changed shape (or optimizer) is incompatible, by name."""
+    from lm.checkpoint import _config_diff
+    from lm.config import defaults
+    saved = defaults().to_dict()
+    now = defaults().to_dict()
+    now["model"].update(remat="full", scan_layers=False, attention="xla")
+    assert _config_diff(saved, now) == []
+    now["model"]["num_layers"] += 1
+    now["optim"]["name"] = "lamb"
+    assert _config_diff(saved, now) == [
+        f"model.num_layers: saved {saved['model']['num_layers']}, now "
+        f"{now['model']['num_layers']}", "optim.name: saved 'adamw', now 'lamb'"]

@@ -86,10 +86,20 @@ BASE = os.path.join(ROOT, "configs/base.py")
     ("optim.momentum", 1.0, r"'optim.momentum' must be >= 0 and < 1, got 1.0"),
     ("precision.param_dtype", "float16", "master_weights=True"),  # fp16 params need masters
     ("precision.loss_scal", "none", "precision.loss_scal"),  # unknown key
+    ("train.profile_steps", "3:2", r"'train.profile_steps' must be 'START:STOP' with integers"),
+    ("train.profile_steps", "0:2", "train.profile_steps"),  # steps count from 1
+    ("train.profile_steps", "5", "train.profile_steps"),
+    ("train.profile_steps", "a:b", "train.profile_steps"),
 ])
 def test_bad_values_name_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
         from_config_dict(override(load_config_file(BASE), **{key: value}))
+
+
+def test_profile_steps_parse_to_a_window():
+    window = lambda text: from_config_dict(override(load_config_file(BASE), **{
+        "train.profile_steps": text})).train.profile_window
+    assert window("") is None and window("10:12") == (10, 12) and window("3:3") == (3, 3)
 
 
 def test_nvlamb_needs_its_gradient_norm_bound():

@@ -169,3 +169,50 @@ def test_causal_attention_matches_jax_reference_and_its_gradient():
     for a, b in zip(jax.grad(loss(causal_attention), (0, 1, 2))(q, k, v),
                     jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", STYLES, ids=lambda k: k["style"])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_attention_implementations_agree(kw, dtype, tol):
+    """model.attention='xla' (jax.nn.dot_product_attention) against 'auto', which on CPU is lm's
+    own causal_attention: logits and every parameter gradient."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
+
+    def logits_and_grads(attention):
+        model = tiny_model(compute_dtype=dtype, attention=attention, **kw)
+        graphdef, params = nnx.split(model)
+        f = lambda p: nnx.merge(graphdef, p)(tokens).astype(jnp.float32)
+        loss = lambda p: jnp.mean(jax.nn.log_softmax(f(p))[..., 0])
+        return f(params), jax.grad(loss)(params)
+
+    (ours, our_grads), (xla, xla_grads) = logits_and_grads("auto"), logits_and_grads("xla")
+    np.testing.assert_allclose(ours, xla, rtol=tol, atol=tol)
+    # Relative to the largest gradient: some are exactly zero in theory (a key bias shifts a
+    # query's logits uniformly), so their rounding differs in relative terms.
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(xla_grads))
+    for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(xla_grads)):
+        np.testing.assert_allclose(a / scale, b / scale, atol=tol)
+
+
+def test_cudnn_attention_off_gpu_is_a_clear_error():
+    from lm.config import ConfigError
+    model = tiny_model(attention="cudnn")
+    with pytest.raises(ConfigError, match="model.attention='cudnn' cannot run here: it needs an "
+                       "NVIDIA GPU, this backend is cpu; use 'auto'"):
+        model(jnp.zeros((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("kw", STYLES, ids=lambda k: k["style"])
+def test_prefill_into_an_empty_cache_skips_reading_it(kw):
+    """decode(empty=True) (attention over the new tokens alone) gives the logits and the cache
+    of the general cached path, for right-padded prompts."""
+    from lm.model import init_cache
+    model = tiny_model(**kw)
+    tokens = jax.random.randint(jax.random.key(2), (3, 7), 0, 97)
+    positions = jnp.broadcast_to(jnp.arange(7), (3, 7))
+    lengths = jnp.array([7, 3, 5])
+    cache = init_cache(model.cfg, 3, 16, "float32")
+    general = model.decode(tokens, positions, cache, logits_at=lengths - 1)
+    fresh = model.decode(tokens, positions, cache, logits_at=lengths - 1, empty=True)
+    for a, b in zip(jax.tree.leaves(general), jax.tree.leaves(fresh)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -116,3 +116,38 @@ def test_command_line_json_and_errors():
     bad = subprocess.run(cmd[:-2] + ["--config.mesh.rules=zero4"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "mesh.rules" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def plan_json(capsys, *args):
+    """`python -m lm.plan ... --json`, in process: the plan, or (exit status, stderr)."""
+    try:
+        plan.main(["--config", os.path.join(ROOT, "configs/gpt3_175b.py"), "--json", *args])
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_days_to_train_gpt3_on_1024_a100s(capsys):
+    # The talk's figure: Narayanan et al. 2021 reach 140 TFLOP/s per A100 counting recomputation
+    # (8/6 x the model's 6N per token), i.e. ~34% MFU: ~34 days for 300B tokens.
+    p = plan_json(capsys, "--tokens", "300e9", "--mfu", "0.35", "--device-kind", "A100")
+    assert p["tokens"] == 300e9 and p["mfu"] == 0.35 and p["device_kind"] == "A100"
+    assert p["peak_flops"] == 312e12  # float16 tensor cores
+    assert 31 <= p["train_days"] <= 37, p["train_days"]
+    assert p["train_steps"] == pytest.approx(300e9 / (1536 * 2048))
+    same = plan_json(capsys, "--tokens", "300000000000", "--mfu", "0.35", "--device-kind", "a100")
+    assert same["train_days"] == p["train_days"]
+    # The default MFU (0.4), and the line format_plan prints.
+    assert plan_json(capsys, "--tokens", "300e9", "--device-kind", "A100")["mfu"] == 0.4
+    assert "days on 1024 x A100 at 35% MFU" in plan.format_plan(p)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mfu", "1.5", "--device-kind", "A100"], "--mfu must be in (0, 1]"),
+    (["--mfu", "0", "--device-kind", "A100"], "--mfu must be in (0, 1]"),
+    (["--device-kind", "Z80"], "no peak FLOP/s known for 'Z80'; known: B200"),
+    ([], "this machine's device ('cpu') has no known peak FLOP/s: pass --device-kind"),
+])
+def test_days_to_train_errors(capsys, args, message):
+    code, err = plan_json(capsys, "--tokens", "300e9", *args)
+    assert code == 2 and message in err and "Traceback" not in err, err

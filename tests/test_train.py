@@ -29,8 +29,12 @@ def test_pulse(tmp_path, variant):
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2]
     for r in train_records:
-        assert set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+        assert set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
+                          "tflops_per_device", "mfu", "hfu"}
         assert 0 < r["loss"] < 10 and r["grad_norm"] > 0
+    # Step 1 compiles and ends the first window (log_every=1): no speed yet, nulls not zeros.
+    assert train_records[0]["tokens_per_s"] == 0.0 and train_records[0]["step_time_s"] is None
+    assert train_records[1]["step_time_s"] > 0 and train_records[1]["mfu"] is None  # CPU
     assert [r["step"] for r in records if "eval_loss" in r] == [2]
 
     config = json.loads((workdir / "config.json").read_text())
@@ -40,8 +44,11 @@ def test_pulse(tmp_path, variant):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(workdir / "tb"))
     events.Reload()
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eval_loss"} <= set(events.Tags()["scalars"])
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "step_time_s"} <= scalars
+    assert "mfu" not in scalars  # None on CPU: left out of TensorBoard
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("step_time_s")] == [2]
 
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]  # periodic + final
     restored = restore_final(workdir, variant)
@@ -60,6 +67,58 @@ def test_pulse(tmp_path, variant):
         manifest["fingerprint"]
     from lm.data.tokenizer import ByteTokenizer, from_workdir
     assert isinstance(from_workdir(str(workdir)), ByteTokenizer)
+
+
+def test_log_lines_carry_step_time_flops_and_mfu(trained_workdir):
+    """Each log record: seconds per step, model TFLOP/s per device from lm.plan's FLOPs, and MFU
+    / HFU against lm.hardware's peak (None on CPU, whose peak is unknown)."""
+    from lm import plan
+    from lm.config import from_config_dict
+    run = from_config_dict(json.loads((trained_workdir / "config.json").read_text()))
+    cost = plan.plan(run, jax.device_count())
+    records = [json.loads(l) for l in (trained_workdir / "metrics.jsonl").read_text().splitlines()]
+    (r,) = [r for r in records if "loss" in r]  # step 2 (log_every 20), the first timed step
+    assert r["step"] == 2 and r["step_time_s"] > 0 and r["tflops_per_device"] > 0
+    model_flops = r["tflops_per_device"] * r["step_time_s"] * jax.device_count() * 1e12
+    assert model_flops == pytest.approx(cost["flops_per_step"], rel=1e-6)
+    assert r["tflops_per_device_with_recompute"] == r["tflops_per_device"]  # no remat
+    assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(
+        run.train.batch_size * run.train.seq_len, rel=1e-6)
+    assert r["mfu"] is None and r["hfu"] is None
+
+
+def test_a_profile_trace_names_the_model_loss_and_optimizer_scopes(trained_workdir):
+    """train.profile_steps="2:2": WORKDIR/tb/plugins/profile/RUN/HOST.xplane.pb, whose HLO
+    metadata names each op by its scopes (forward `jvp(...)`, backward `transpose(jvp(...))`)."""
+    traces = list((trained_workdir / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1, traces
+    trace = traces[0].read_bytes()
+    for scope in (b"jit(train_step)/jvp(block)/attention/", b"jit(train_step)/jvp(block)/mlp/",
+                  b"jit(train_step)/transpose(jvp(block))/attention/",
+                  b"jit(train_step)/jvp(loss)/", b"jit(train_step)/optimizer/"):
+        assert scope in trace, scope
+
+
+def test_profiler_traces_the_steps_of_its_window_this_run_takes(tmp_path):
+    from lm.train import _Profiler
+    resumed_past = _Profiler((2, 3), str(tmp_path / "past"))
+    with resumed_past:
+        for step in (4, 5):
+            resumed_past.before(step)
+            assert not resumed_past.after(step, None)
+    assert not (tmp_path / "past").exists()
+    inside = _Profiler((2, 4), str(tmp_path / "inside"))
+    with inside:  # resumed at step 3, stopped (a signal) after step 3: leaving ends the trace
+        inside.before(3)
+        assert inside.tracing and not inside.after(3, None)
+    assert not inside.tracing and inside.traced == "3-4"
+    assert list((tmp_path / "inside" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    ended = _Profiler((1, 1), str(tmp_path / "ended"))
+    with ended:
+        ended.before(1)
+        assert ended.after(1, None) and not ended.tracing
+        ended.before(2)
+        assert not ended.tracing
 
 
 def restore_final(workdir, variant):
