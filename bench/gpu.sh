@@ -1,20 +1,63 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one call of the device tool (an H100 / H200 with the workplace's CUDA
-# image: jax 0.11 + CUDA, torch + transformers). Carry .whl (flax 0.12.8, orbax-checkpoint,
-# ml-collections, tensorboardX wheels: see bench/RESULTS.md) and run from the repo root:
-#   bash bench/gpu.sh        (results and logs under $OUT, or ./gpu-out)
+# The GPU benchmarks for one call of the device tool (an H100 / H200 with the workplace's CUDA
+# image: jax 0.11 + CUDA, torch + transformers). Carry .whl (wheels of what the image lacks:
+# flax, orbax-checkpoint, ml-collections, tensorboardX, tqdm; see bench/RESULTS.md) and run from
+# the repo root:
+#   bash bench/gpu.sh [SECTION ...]     results and logs under $OUT (or ./gpu-out)
+# Sections, in the order of the issue-19 targets (default: llama gpt2 decode); each compiles
+# once per row and times a few steps, under its own timeout:
+#   llama     configs/llama_1b.py's shape, bf16, seq 2048, the largest batch lm.plan fits, remat
+#             full and none, cuDNN vs XLA attention, against PyTorch + transformers (~5 min)
+#   gpt2      GPT-2 small bf16: cuDNN vs XLA attention, each steering custom VJP off in turn
+#   precision GPT-2 small step time in float32 (TF32) vs bfloat16 vs float16
+#   decode    bench/generate.py at batch 1, 8, 32 against HF generate and the memory roof
+#   trace     a profiler trace of GPT-2 small (python -m lm.trace prints its breakdown)
+# CPU dry run of the same commands, tiny shapes: SHAPE_OVERRIDE=cpu bash bench/gpu.sh gpt2
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.90
+py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
-python3 -c "import jax, flax, optax, orbax.checkpoint, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.txt"
-timeout ${GEN_TIMEOUT:-270} python3 bench/generate.py --shape gpt2_small --dtype bfloat16 \
-  --prompt 128 --new 128 --batches 1,8,32 --peer-device cuda --hf-python python3 \
-  --variants plain,int8 --json "$OUT/generate_gpu.json" 2>&1 | tee "$OUT/generate.log" | grep -v "^  (peer"
-timeout ${TRAIN_TIMEOUT:-200} python3 bench/train_throughput.py --shape gpt2_small \
-  --dtype bfloat16 --styles gpt2 --peers none --steps 10 --json "$OUT/train_gpu.json" 2>&1 \
-  | tee "$OUT/train.log" | tail -8
+$py -c "import jax, flax, optax, orbax.checkpoint; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.txt"
+$py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+gpu=$(nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+dt=bfloat16; [ "$gpu" = 1 ] || dt=float32  # a CPU dry run: XLA:CPU computes bf16 slowly
+small=${SHAPE_OVERRIDE:-gpt2_small}; big=${SHAPE_OVERRIDE:-llama_1b}
+train() {  # NAME TIMEOUT ARGS...: one bench/train_throughput.py run, JSON + log under $OUT
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" $py bench/train_throughput.py --steps ${STEPS:-8} --json "$OUT/$name.json" \
+    --hf-python "$py" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^  (peer"
+}
+for section in ${@:-llama gpt2 decode}; do
+  case $section in
+    llama) train train_llama_1b ${LLAMA_TIMEOUT:-330} --shape "$big" --styles llama --dtype $dt \
+             --layers scan --remat full,none --attention cudnn,xla --batch auto --peers hf ;;
+    gpt2) train train_gpt2_small ${GPT2_TIMEOUT:-240} --shape "$small" --styles gpt2 --dtype $dt \
+            --layers unrolled --attention auto,xla \
+            --steering all,-dense,-materialize_grad,-softmax,none --peers hf ;;
+    precision)
+      for p in float32 bfloat16 float16; do
+        train train_gpt2_small_$p ${PRECISION_TIMEOUT:-100} --shape "$small" --styles gpt2 \
+          --dtype $p --layers unrolled --peers none
+      done ;;
+    decode) echo "== decode"
+      timeout ${GEN_TIMEOUT:-270} $py bench/generate.py --shape "$small" --dtype $dt \
+        --prompt 128 --new 128 --batches 1,8,32 --peer-device $([ "$gpu" = 1 ] && echo cuda || echo cpu) \
+        --hf-python "$py" --variants plain,int8 --json "$OUT/generate_gpu.json" 2>&1 \
+        | tee "$OUT/generate.log" | grep -v "^  (peer" ;;
+    trace) echo "== trace"
+      w=$(mktemp -d)
+      timeout ${TRACE_TIMEOUT:-150} $py -m lm.train --config configs/gpt2_small.py --workdir "$w" \
+        --config.train.steps=6 --config.train.profile_steps=4:5 --config.train.progress=False \
+        --config.train.sample_tokens=0 --config.precision.compute_dtype=$dt --config.mesh.data=1 \
+        > "$OUT/trace_train.log" 2>&1
+      $py -m lm.trace "$w" --top 15 2>&1 | tee "$OUT/trace.txt"
+      cp -r "$w/tb/plugins" "$OUT/trace_plugins" 2>/dev/null ;;
+    *) echo "unknown section $section (llama gpt2 precision decode trace)"; exit 2 ;;
+  esac
+done

@@ -17,6 +17,7 @@ Runs one system at a time: on 2 cores a concurrent run would halve both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lm import hardware, plan, sharding, train  # noqa: E402
+from lm import model as lm_model  # noqa: E402
 from lm.config import from_config_dict, load_config_file, override  # noqa: E402
 
 SHAPE = dict(layers=4, d_model=256, heads=4, kv_heads=4, mlp=1024, vocab=8192, seq=128,
@@ -69,11 +71,12 @@ def flops_per_token(run) -> float:
     return plan.plan(run, 1)["flops_per_step"] / (run.train.batch_size * run.train.seq_len)
 
 
-def largest_batch(style: str, remat: str, memory_bytes: float) -> int:
+def largest_batch(style: str, remat: str, attention: str, memory_bytes: float) -> int:
     """The largest power-of-two batch whose lm.plan estimate fits in 85% of `memory_bytes`."""
     batch = 1
-    while plan.plan(run_config(style, remat=remat, batch=2 * batch), 1)["total_bytes"] \
-            <= 0.85 * memory_bytes and batch < 4096:
+    fits = lambda b: plan.plan(run_config(style, remat=remat, attention=attention, batch=b),
+                               1)["total_bytes"] <= 0.85 * memory_bytes
+    while fits(2 * batch) and batch < 4096:
         batch *= 2
     return batch
 
@@ -171,6 +174,8 @@ def main():
     p.add_argument("--layers", default="unrolled,scan", help="unrolled, scan or both")
     p.add_argument("--remat", default="none", help="comma list of model.remat values")
     p.add_argument("--attention", default="auto", help="comma list of model.attention values")
+    p.add_argument("--steering", default="all", help="comma list of lm.model.STEERING variants: "
+                   "all, none, or -NAME (all but NAME: -dense, -materialize_grad, -softmax)")
     p.add_argument("--batch", default="", help="sequences per step (default: the shape's); "
                    "'auto': the largest power of two lm.plan fits in 85%% of device memory, "
                    "per remat value")
@@ -194,17 +199,23 @@ def main():
     for style in args.styles.split(","):
         results = []
         for remat in args.remat.split(","):
-            if args.batch == "auto":
-                batch = largest_batch(style, remat, memory or 16e9)
-            else:
-                batch = int(args.batch) if args.batch else SHAPE["batch"]
             for attention in args.attention.split(","):
+                if args.batch == "auto":
+                    batch = largest_batch(style, remat, attention, memory or 16e9)
+                else:
+                    batch = int(args.batch) if args.batch else SHAPE["batch"]
+                if attention == args.attention.split(",")[0]:
+                    peer_batch = batch  # the peer's sdpa is a fused kernel too
                 for layers in args.layers.split(","):
-                    results.append(_ours_or_note(run_config(
-                        style, layers == "scan", remat, attention, batch), args.steps))
+                    for variant in args.steering.split(","):
+                        with steering(variant):
+                            results.append(_ours_or_note(run_config(
+                                style, layers == "scan", remat, attention, batch), args.steps))
+                        if variant != "all" and results[-1]:
+                            results[-1]["system"] += f" steering {variant}"
             if "hf" in peers and (gpu or remat == args.remat.split(",")[0]):  # CPU: no remat
-                results.append(hf_peer(style, args.hf_python, "cuda" if gpu else "cpu", batch,
-                                       remat != "none"))
+                results.append(hf_peer(style, args.hf_python, "cuda" if gpu else "cpu",
+                                       peer_batch, remat != "none"))
         if "maxtext" in peers and style == "llama" and not gpu:
             results.append(maxtext_peer())
         results = [r for r in results if r]
@@ -231,6 +242,23 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"device_kind": device.device_kind, "roof_flops": roof,
                        "peak_flops": peak, "results": rows}, f, indent=2)
+
+
+@contextlib.contextmanager
+def steering(variant: str):
+    """lm.model.STEERING for a --steering variant on this backend (restored afterwards)."""
+    saved = dict(lm_model.STEERING)
+    names = set(saved) if variant == "all" else set() if variant == "none" else \
+        set(saved) - {variant.removeprefix("-")}
+    if variant not in ("all", "none") and variant.removeprefix("-") not in saved:
+        raise SystemExit(f"--steering {variant}: valid are all, none, "
+                         + ", ".join(f"-{n}" for n in saved))
+    backend = jax.default_backend()
+    lm_model.STEERING.update({n: (backend,) if n in names else () for n in saved})
+    try:
+        yield
+    finally:
+        lm_model.STEERING.update(saved)
 
 
 def _ours_or_note(run, steps: int) -> dict | None:

@@ -12,9 +12,10 @@ Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads
 rules in `lm.sharding` map them onto the mesh. Parameters are stored in `param_dtype` and cast to
 `compute_dtype` where they are used; norms, softmax and the loss run in float32.
 
-Two custom VJPs change nothing mathematically and only steer XLA (see their docstrings and
-bench/RESULTS.md): `dense` spells out each weight gradient as x^T @ dy, and `materialize_grad`
-makes the residual stream's gradient be computed once per layer.
+Three custom VJPs change nothing mathematically and only steer XLA (see their docstrings and
+bench/RESULTS.md): `dense` spells out each weight gradient as x^T @ dy, `materialize_grad`
+makes the residual stream's gradient be computed once per layer, and `_softmax_to` keeps the
+attention probabilities once, in the compute dtype. `STEERING` says on which backends each runs.
 
 Shapes: B batch, T length, D d_model, N heads, K kv heads, H head_dim, F mlp, V vocab, L layers.
 """
@@ -43,6 +44,17 @@ REMAT_POLICIES = {
 }
 # Per-feature vectors (biases, norm scales): no weight decay (see lm.optim.decay_mask).
 VECTOR_PARAMS = frozenset({"scale", "bias", "bq", "bk", "bv", "bo", "bi"})
+# The custom VJPs that only steer XLA, and the backends (jax.default_backend()) that use each;
+# elsewhere plain autodiff runs. Each was measured faster on XLA:CPU (bench/RESULTS.md). On GPUs
+# and TPUs they are unmeasured and stay on for now: `bench/train_throughput.py --steering`
+# times the model without each, one by one.
+STEERING = {"dense": ("cpu", "gpu", "tpu"), "materialize_grad": ("cpu", "gpu", "tpu"),
+            "softmax": ("cpu", "gpu", "tpu")}
+
+
+def steers(name: str) -> bool:
+    """Whether the steering custom VJP `name` (a STEERING key) runs on this backend."""
+    return jax.default_backend() in STEERING[name]
 
 
 def _param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], names: tuple[str, ...],
@@ -71,9 +83,10 @@ def dense(x: Float[Array, "... I"], w: Float[Array, "I O"], n_in: int = 1) -> Fl
 
 
 def dense_named(x, w, n_in: int = 1):
-    """`dense` whose output the 'dots' remat policy keeps (a custom VJP hides its matmul from
-    jax's own dot-finding policies)."""
-    return checkpoint_name(dense(x, w, n_in), "dot")
+    """`dense` (plain autodiff where it does not steer) whose output the 'dots' remat policy
+    keeps (a custom VJP hides its matmul from jax's own dot-finding policies)."""
+    y = dense(x, w, n_in) if steers("dense") else jnp.tensordot(x, w.astype(x.dtype), n_in)
+    return checkpoint_name(y, "dot")
 
 
 def _dense_fwd(x, w, n_in):
@@ -189,7 +202,8 @@ def causal_attention(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T 
                         preferred_element_type=jnp.float32) * h ** -0.5
     # An additive mask: a `where` here would make autodiff keep a [B, N, T, T] mask and fill.
     logits += jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, -1e30)
-    probs = _softmax_to(logits, dt)
+    probs = (_softmax_to(logits, dt) if steers("softmax") else
+             jax.nn.softmax(logits, axis=-1).astype(dt))
     if dt == jnp.float16 and jax.default_backend() == "cpu":
         probs, v_btkh = probs.astype(jnp.float32), v_btkh.astype(jnp.float32)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_btkh, preferred_element_type=jnp.float32)
@@ -466,7 +480,7 @@ class Transformer(nnx.Module):
         block_def, block_state = nnx.split(self.blocks)
 
         def layer(x_btd, layer_state):
-            x_btd = materialize_grad(x_btd)
+            x_btd = materialize_grad(x_btd) if steers("materialize_grad") else x_btd
             return nnx.merge(block_def, layer_state)(x_btd, rope_bt), None
 
         remat = (lambda f, prevent_cse: jax.checkpoint(

@@ -206,12 +206,14 @@ def layer_arrays(m, s: int, shape: dict, lay: sharding.Layout) -> tuple[float, f
     outputs and the mid-layer residual, which tensor parallelism splits only with `sp` (the norm
     outputs not even then: the column-parallel matmuls keep them after their all-gather); q, k,
     v, the attention output, the probabilities (heads x s / d_model arrays) and the MLP's
-    pre-activations, which it splits."""
+    pre-activations, which it splits. With model.attention='cudnn' (flash attention) the
+    backward keeps no probabilities ('auto' counts them: the plan does not know the backend)."""
     tp = shape["tensor"]
     n, k, d = m.num_heads, m.num_kv_heads, m.d_model
     mlp_in = (2 if m.style == "llama" else 1) * m.mlp_dim / d
     shared_div = tp if lay.sequence_parallel else 1
-    full = 2 / shared_div + 2 + (1 + 2 * k / n + 1 + n * s / d + mlp_in) / tp
+    probs = 0 if m.attention == "cudnn" else n * s / d  # flash attention keeps no [s, s]
+    full = 2 / shared_div + 2 + (1 + 2 * k / n + 1 + probs + mlp_in) / tp
     if m.remat == "none":
         kept = full
     elif m.remat == "full":
