@@ -29,6 +29,7 @@ import numpy as np
 from lm.config import ConfigError
 from lm.data import tokenizer as tokenizers
 from lm.generate import DecodeSlots, Engine, SamplingParams
+from lm.sharding import KV_CACHE_BATCH_AXIS
 
 PREFILL, DECODE, PARAMS, META = "prefill.jaxexport", "decode.jaxexport", "params.npz", "export.json"
 
@@ -45,8 +46,9 @@ def export(checkpoint: str, out: str, platforms: tuple[str, ...] | None = None) 
     b, p = jax.export.symbolic_shape("b, p")
     abstract_leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     int_b, int_bp = jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, p), jnp.int32)
-    cache_shape = (cfg.num_layers, b, cfg.max_len, cfg.num_kv_heads, cfg.head_dim)
-    cache = {k: jax.ShapeDtypeStruct(cache_shape, jnp.dtype(engine.cache_dtype)) for k in "kv"}
+    from lm.model import cache_shape
+    cache = {k: jax.ShapeDtypeStruct(cache_shape(cfg, b, cfg.max_len),
+                                     jnp.dtype(engine.cache_dtype)) for k in "kv"}
     export_ = functools.partial(jax.export.export, platforms=platforms or None)
     exported_prefill = export_(flat(engine.prefill_fn))(abstract_leaves, int_bp, int_b)
     exported_decode = export_(flat(engine.decode_fn))(abstract_leaves, int_b, int_b, cache)
@@ -87,10 +89,12 @@ class Exported:
 
     def slots(self, num_slots: int) -> DecodeSlots:
         """`num_slots` decode rows for continuous batching (no model is built)."""
-        m = self.meta
-        shape = (m["num_layers"], num_slots, m["max_len"], m["num_kv_heads"], m["head_dim"])
+        # The cache as the exported decode function takes it, with num_slots rows.
+        k_aval, v_aval = self._decode.in_avals[len(self.params) + 2:]
+        shape = tuple(num_slots if i == KV_CACHE_BATCH_AXIS else d
+                      for i, d in enumerate(k_aval.shape))
         return DecodeSlots(self._prefill.call, self._decode.call, self.params,
-                           lambda: {k: jnp.zeros(shape, m["cache_dtype"]) for k in "kv"})
+                           lambda: {k: jnp.zeros(shape, k_aval.dtype) for k in "kv"})
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt by max_new_tokens tokens (one slot each)."""

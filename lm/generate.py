@@ -129,7 +129,7 @@ def decode_and_sample(decode, cache, tokens_b, positions_b, counts_b, rows: Samp
     """The decode step of `Engine.generate` and of `DecodeSlots`: feeds each row its last token
     [b] at its position [b]; returns (its counts_b[i]-th token [b], cache). `decode(tokens_b,
     positions_b, cache) -> (logits [b, V], cache)` is `decode_step` on a model or an export."""
-    cache_len = jax.tree.leaves(cache)[0].shape[2]
+    cache_len = jax.tree.leaves(cache)[0].shape[sharding.KV_CACHE_LENGTH_AXIS]
     # A row past the cache's end (finished, or a free slot) rewrites the last position: its
     # tokens are ignored, and it must not write out of bounds.
     logits_bv, cache = decode(tokens_b, jnp.minimum(positions_b, cache_len - 1), cache)
@@ -387,7 +387,8 @@ class DecodeSlots:
         self._step = jax.jit(lambda params, cache, *rest: decode_and_sample(
             functools.partial(decode_fn, params), cache, *rest), donate_argnums=1)
         self._insert = jax.jit(lambda cache, row, slot: jax.tree.map(  # row: a one-row cache
-            lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, 1),
+            lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot,
+                                                             sharding.KV_CACHE_BATCH_AXIS),
             cache, row), donate_argnums=0)
         self._sample = jax.jit(sample_next)
 
@@ -421,7 +422,9 @@ class DecodeSlots:
         be gone)."""
         with self.context():
             self.cache = self._empty()
-        self.num_slots, self.max_len = jax.tree.leaves(self.cache)[0].shape[1:3]
+        shape = jax.tree.leaves(self.cache)[0].shape
+        self.num_slots = shape[sharding.KV_CACHE_BATCH_AXIS]
+        self.max_len = shape[sharding.KV_CACHE_LENGTH_AXIS]
         self.sampling = [SamplingParams()] * self.num_slots  # free rows are greedy: `release`
 
     def step(self) -> np.ndarray:

@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, Int
 from lm.config import ConfigError, ModelConfig, PrecisionConfig
 from lm.pipeline import Pipeline, run as run_pipeline
 from lm.quantize import Int8Array, quantize_weight
-from lm.sharding import REPLICATED, constrain
+from lm.sharding import KV_CACHE_AXES, REPLICATED, constrain
 
 Initializer = jax.nn.initializers.Initializer
 # model.remat: what a layer keeps for the backward pass (everything else is recomputed).
@@ -249,7 +249,7 @@ def attend(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T K H"],
                                         implementation=impl)
 
 
-def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bskh, v_cache_bskh, positions_bt):
+def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bksh, v_cache_bksh, positions_bt):
     """Attention of T new queries per row (at `positions_bt`, consecutive: a right-padded
     prompt, or one decode step) over the cache's earlier positions and the new keys.
 
@@ -259,14 +259,14 @@ def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bskh, v_cache_bskh, positio
     layers afterwards, in place, so a decode step reads the cache once and writes one position.
     A cache may be an `Int8Array` (`init_cache(dtype="int8")`)."""
     b, t, n, h = q_btnh.shape
-    s, k = k_cache_bskh.shape[1], k_cache_bskh.shape[2]
+    k, s = k_cache_bksh.shape[1], k_cache_bksh.shape[2]
     dt = q_btnh.dtype
     q = q_btnh.reshape(b, t, k, n // k, h)
-    arrays = (q, k_cache_bskh.astype(dt), v_cache_bskh.astype(dt), k_btkh, v_btkh)
+    arrays = (q, k_cache_bksh.astype(dt), v_cache_bksh.astype(dt), k_btkh, v_btkh)
     if dt == jnp.float16 and jax.default_backend() == "cpu":
         arrays = tuple(a.astype(jnp.float32) for a in arrays)
     q, keys, values, new_keys, new_values = arrays
-    old = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    old = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
     new = jnp.einsum("btkgh,bukh->bkgtu", q, new_keys, preferred_element_type=jnp.float32)
     old_visible_bs = jnp.arange(s)[None, :] < positions_bt[:, :1]
     new_visible_btu = positions_bt[:, None, :] <= positions_bt[:, :, None]
@@ -274,21 +274,23 @@ def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bskh, v_cache_bskh, positio
     new = jnp.where(new_visible_btu[:, None, None], new, -1e30)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1) * h ** -0.5, axis=-1)
     probs = probs.astype(values.dtype)
-    out = (jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], values,
+    out = (jnp.einsum("bkgts,bksh->btkgh", probs[..., :s], values,
                       preferred_element_type=jnp.float32)
            + jnp.einsum("bkgtu,bukh->btkgh", probs[..., s:], new_values,
                         preferred_element_type=jnp.float32))
     return out.reshape(b, t, n, h).astype(dt)
 
 
-def write_cache(cache_lbskh, positions_bt, new_lbtkh):
+def write_cache(cache_lbksh, positions_bt, new_lbtkh):
     """The cache with every layer's new keys (or values) [L, B, T, K, H] at `positions_bt`."""
     rows = jnp.arange(new_lbtkh.shape[1])[:, None]
-    if isinstance(cache_lbskh, Int8Array):  # symmetric over head_dim, per position and head
-        new = quantize_weight(new_lbtkh, (4,))
-        return Int8Array(cache_lbskh.q.at[:, rows, positions_bt].set(new.q),
-                         cache_lbskh.scale.at[:, rows, positions_bt].set(new.scale))
-    return cache_lbskh.at[:, rows, positions_bt].set(new_lbtkh.astype(cache_lbskh.dtype))
+    # Indexed by (rows, positions) around a slice, the cache's selected part is [B, T, L, K, H].
+    new_btlkh = new_lbtkh.transpose(1, 2, 0, 3, 4)
+    if isinstance(cache_lbksh, Int8Array):  # symmetric over head_dim, per position and head
+        new = quantize_weight(new_btlkh, (4,))
+        return Int8Array(cache_lbksh.q.at[:, rows, :, positions_bt].set(new.q),
+                         cache_lbksh.scale.at[:, rows, :, positions_bt].set(new.scale))
+    return cache_lbksh.at[:, rows, :, positions_bt].set(new_btlkh.astype(cache_lbksh.dtype))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -519,9 +521,9 @@ class Transformer(nnx.Module):
         block_def, block_state = nnx.split(self.blocks)
 
         def layer(x_btd, xs):
-            layer_state, k_bskh, v_bskh = xs
+            layer_state, k_bksh, v_bksh = xs
             return nnx.merge(block_def, layer_state)(x_btd, rope_bt,
-                                                     (k_bskh, v_bskh, positions_bt))
+                                                     (k_bksh, v_bksh, positions_bt))
 
         cached = (None, None) if empty else (cache["k"], cache["v"])
         x_btd, (k_new, v_new) = jax.lax.scan(layer, x_btd, (block_state, *cached))
@@ -540,10 +542,11 @@ class Transformer(nnx.Module):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict[str, Array]:
     """An empty KV cache for `batch` rows of up to `length` positions: k and v of
-    [layers, batch, length, kv_heads, head_dim] in `dtype` (the compute dtype, or "int8", which
-    stores int8 values and a float32 scale per position and kv head (`Int8Array`). Under a mesh
-    the rows are sharded like the batch (data, fsdp) and the kv heads over tensor."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    [layers, batch, kv_heads, length, head_dim] (lm.sharding.KV_CACHE_AXES) in `dtype` (the
+    compute dtype, or "int8", which stores int8 values and a float32 scale per position and kv
+    head (`Int8Array`). Under a mesh the rows are sharded like the batch (data, fsdp) and the
+    kv heads over tensor."""
+    shape = cache_shape(cfg, batch, length)
     if jnp.dtype(dtype) == jnp.int8:
         empty = lambda: Int8Array(jnp.zeros(shape, jnp.int8),
                                   jnp.ones(shape[:-1] + (1,), jnp.float32))
@@ -552,9 +555,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict[str, Ar
     return constrain_cache({"k": empty(), "v": empty()})
 
 
+def cache_shape(cfg: ModelConfig, batch, length) -> tuple:
+    """The shape of the k (or v) cache, in the order of lm.sharding.KV_CACHE_AXES."""
+    return (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+
+
 def constrain_cache(cache):
-    names = ("layers", "batch", None, "kv_heads", None)
-    return jax.tree.map(lambda x: constrain(x, names), cache)
+    return jax.tree.map(lambda x: constrain(x, KV_CACHE_AXES), cache)
 
 
 def abstract_model(cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfig()):
