@@ -46,9 +46,8 @@ def export(checkpoint: str, out: str, platforms: tuple[str, ...] | None = None) 
     b, p = jax.export.symbolic_shape("b, p")
     abstract_leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     int_b, int_bp = jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, p), jnp.int32)
-    from lm.model import cache_shape
-    cache = {k: jax.ShapeDtypeStruct(cache_shape(cfg, b, cfg.max_len),
-                                     jnp.dtype(engine.cache_dtype)) for k in "kv"}
+    from lm.model import init_cache
+    cache = jax.eval_shape(lambda: init_cache(cfg, b, cfg.max_len, engine.cache_dtype))
     export_ = functools.partial(jax.export.export, platforms=platforms or None)
     exported_prefill = export_(flat(engine.prefill_fn))(abstract_leaves, int_bp, int_b)
     exported_decode = export_(flat(engine.decode_fn))(abstract_leaves, int_b, int_b, cache)
@@ -89,12 +88,14 @@ class Exported:
 
     def slots(self, num_slots: int) -> DecodeSlots:
         """`num_slots` decode rows for continuous batching (no model is built)."""
-        # The cache as the exported decode function takes it, with num_slots rows.
-        k_aval, v_aval = self._decode.in_avals[len(self.params) + 2:]
-        shape = tuple(num_slots if i == KV_CACHE_BATCH_AXIS else d
-                      for i, d in enumerate(k_aval.shape))
+        # The cache as the exported decode function takes it (its 4th argument), num_slots rows.
+        cache_tree = self._decode.in_tree.children()[0].children()[3]
+        avals = self._decode.in_avals[len(self.params) + 2:]
+        rows = lambda shape: tuple(num_slots if i == KV_CACHE_BATCH_AXIS else d
+                                   for i, d in enumerate(shape))
         return DecodeSlots(self._prefill.call, self._decode.call, self.params,
-                           lambda: {k: jnp.zeros(shape, k_aval.dtype) for k in "kv"})
+                           lambda: jax.tree.unflatten(cache_tree, [
+                               jnp.zeros(rows(a.shape), a.dtype) for a in avals]))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt by max_new_tokens tokens (one slot each)."""

@@ -199,9 +199,10 @@ def prefill(model: Transformer, tokens_bp, lengths_b, cache):
     return logits[:, 0].astype(jnp.float32), cache
 
 
-def decode_step(model: Transformer, tokens_b, positions_b, cache):
-    """One new token per row at its position; returns float32 logits [b, V] and the cache."""
-    logits, cache = model.decode(tokens_b[:, None], positions_b[:, None], cache)
+def decode_step(model: Transformer, tokens_b, positions_b, cache, layers=None):
+    """One new token per row at its position; returns float32 logits [b, V] and the cache.
+    `layers`: the model's `layer_states()`, once per decode loop."""
+    logits, cache = model.decode(tokens_b[:, None], positions_b[:, None], cache, layers=layers)
     return logits[:, 0].astype(jnp.float32), cache
 
 
@@ -215,7 +216,7 @@ def _generate(graphdef, params, prompt_bp, lengths_b, max_new_b, rows: SamplingR
     cache = _empty_cache(model.cfg, b, cache_len, cache_dtype)
     logits_bv, cache = prefill(model, prompt_bp, lengths_b, cache)
     first_b = sample_next(logits_bv, jnp.zeros_like(lengths_b), rows)
-    decode = functools.partial(decode_step, model)
+    decode = functools.partial(decode_step, model, layers=model.layer_states())
 
     def body(carry):
         i, token_b, out_bn, count_b, done_b, cache = carry  # token_b: each row's i-th token

@@ -249,48 +249,39 @@ def attend(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T K H"],
                                         implementation=impl)
 
 
-def cached_attention(q_btnh, k_btkh, v_btkh, k_cache_bksh, v_cache_bksh, positions_bt):
+def cached_attention(q_btnh: Float[Array, "B T N H"], k_cache_bksh, v_cache_bksh,
+                     positions_bt: Int[Array, "B T"]) -> Float[Array, "B T N H"]:
     """Attention of T new queries per row (at `positions_bt`, consecutive: a right-padded
-    prompt, or one decode step) over the cache's earlier positions and the new keys.
-
-    The query at position p sees cache positions before the row's first new position and the
-    new keys at positions <= p; cache entries from that first new position on are stale and
-    ignored. The cache is only read here: `write_cache` stores the new keys and values of all
-    layers afterwards, in place, so a decode step reads the cache once and writes one position.
-    A cache may be an `Int8Array` (`init_cache(dtype="int8")`)."""
+    prompt, or one decode step) over a cache that already holds their keys and values
+    (`write_cache` first): the query at position p sees cache positions <= p, the later ones
+    being stale. Writing before reading lets a decode loop update the cache in place (reading
+    the old cache and then writing it made XLA copy every layer's cache each step). A cache
+    may be an `Int8Array` (`init_cache(dtype="int8")`)."""
     b, t, n, h = q_btnh.shape
     k, s = k_cache_bksh.shape[1], k_cache_bksh.shape[2]
     dt = q_btnh.dtype
     q = q_btnh.reshape(b, t, k, n // k, h)
-    arrays = (q, k_cache_bksh.astype(dt), v_cache_bksh.astype(dt), k_btkh, v_btkh)
+    arrays = (q, k_cache_bksh.astype(dt), v_cache_bksh.astype(dt))
     if dt == jnp.float16 and jax.default_backend() == "cpu":
         arrays = tuple(a.astype(jnp.float32) for a in arrays)
-    q, keys, values, new_keys, new_values = arrays
-    old = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
-    new = jnp.einsum("btkgh,bukh->bkgtu", q, new_keys, preferred_element_type=jnp.float32)
-    old_visible_bs = jnp.arange(s)[None, :] < positions_bt[:, :1]
-    new_visible_btu = positions_bt[:, None, :] <= positions_bt[:, :, None]
-    old = jnp.where(old_visible_bs[:, None, None, None, :], old, -1e30)
-    new = jnp.where(new_visible_btu[:, None, None], new, -1e30)
-    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1) * h ** -0.5, axis=-1)
-    probs = probs.astype(values.dtype)
-    out = (jnp.einsum("bkgts,bksh->btkgh", probs[..., :s], values,
-                      preferred_element_type=jnp.float32)
-           + jnp.einsum("bkgtu,bukh->btkgh", probs[..., s:], new_values,
-                        preferred_element_type=jnp.float32))
+    q, keys, values = arrays
+    logits = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    visible_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+    logits = jnp.where(visible_bts[:, None, None], logits * h ** -0.5, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, values, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(dt)
 
 
-def write_cache(cache_lbksh, positions_bt, new_lbtkh):
-    """The cache with every layer's new keys (or values) [L, B, T, K, H] at `positions_bt`."""
-    rows = jnp.arange(new_lbtkh.shape[1])[:, None]
-    # Indexed by (rows, positions) around a slice, the cache's selected part is [B, T, L, K, H].
-    new_btlkh = new_lbtkh.transpose(1, 2, 0, 3, 4)
-    if isinstance(cache_lbksh, Int8Array):  # symmetric over head_dim, per position and head
-        new = quantize_weight(new_btlkh, (4,))
-        return Int8Array(cache_lbksh.q.at[:, rows, :, positions_bt].set(new.q),
-                         cache_lbksh.scale.at[:, rows, :, positions_bt].set(new.scale))
-    return cache_lbksh.at[:, rows, :, positions_bt].set(new_btlkh.astype(cache_lbksh.dtype))
+def write_cache(cache_bksh, positions_bt, new_btkh):
+    """One layer's cache with its new keys (or values) [B, T, K, H] at `positions_bt`."""
+    rows = jnp.arange(new_btkh.shape[0])[:, None]
+    # Indexed by (rows, positions) around a slice, the cache's selected part is [B, T, K, H].
+    if isinstance(cache_bksh, Int8Array):  # symmetric over head_dim, per position and head
+        new = quantize_weight(new_btkh, (3,))
+        return Int8Array(cache_bksh.q.at[rows, :, positions_bt].set(new.q),
+                         cache_bksh.scale.at[rows, :, positions_bt].set(new.scale))
+    return cache_bksh.at[rows, :, positions_bt].set(new_btkh.astype(cache_bksh.dtype))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -335,10 +326,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None
                  ) -> Float[Array, "B T D"] | tuple[Float[Array, "B T D"], tuple]:
-        """With `cache` = (k [B, S, K, H], v, positions_bt): the queries attend to the cached
-        positions and the new keys before them (`cached_attention`); returns (output, (the new
-        keys, values)) for `write_cache`. Without, or with (None, None, positions_bt) (a
-        prefill into an empty cache from position 0), causal attention over x alone
+        """With `cache` = (k [B, K, S, H], v, positions_bt, empty): writes the new keys and
+        values into the layer's cache and attends over it (`cached_attention`), or, `empty`
+        (a prefill from position 0 into an empty cache), over the new tokens alone, as in
+        training; returns (output, (k, v) updated). Without, causal attention over x alone
         (`model.attention`)."""
         cfg, dt = self.cfg, x_btd.dtype
 
@@ -350,15 +341,19 @@ class Attention(nnx.Module):
         else:
             q_btnh = rope(q_btnh, rope_bt)
             k_btkh = rope(k_btkh, rope_bt)
-        if cache is not None and cache[0] is not None:
-            out_btnh = cached_attention(q_btnh, k_btkh, v_btkh, *cache)
+        if cache is not None:
+            k_cache, v_cache, positions_bt, empty = cache
+            kv = (write_cache(k_cache, positions_bt, k_btkh),
+                  write_cache(v_cache, positions_bt, v_btkh))
+        if cache is not None and not empty:
+            out_btnh = cached_attention(q_btnh, *kv, positions_bt)
         else:
             out_btnh = checkpoint_name(attend(q_btnh, k_btkh, v_btkh, attention_impl(cfg, dt)),
                                        "attention")
         out_btd = dense_named(out_btnh, self.wo[...], 2)
         if cfg.style == "gpt2":
             out_btd += self.bo[...].astype(dt)
-        return out_btd if cache is None else (out_btd, (k_btkh, v_btkh))
+        return out_btd if cache is None else (out_btd, kv)
 
 
 class Mlp(nnx.Module):
@@ -503,14 +498,20 @@ class Transformer(nnx.Module):
         return self.final_norm(x_btd)
 
     def decode(self, tokens_bt: Int[Array, "B T"], positions_bt: Int[Array, "B T"],
-               cache: dict[str, Array], logits_at: Int[Array, "B"] | None = None,
-               empty: bool = False) -> tuple[Float[Array, "B T V"], dict[str, Array]]:
+               cache: dict[str, tuple], logits_at: Int[Array, "B"] | None = None,
+               empty: bool = False, layers: list | None = None
+               ) -> tuple[Float[Array, "B T V"], dict[str, tuple]]:
         """The forward pass of new tokens at `positions_bt` against a KV cache (`init_cache`):
         a prefill (T = the prompt length, right-padded) or a decode step (T = 1). Returns the
         logits of the new tokens (only of token `logits_at[b]` of each row, [B, 1, V], when
         given: a prefill needs just the last prompt token's) and the updated cache. `empty`:
         the cache holds nothing yet and positions_bt are 0..T-1, so the layers attend over the
-        new tokens alone, as in training (`model.attention`), and never read the cache."""
+        new tokens alone, as in training (`model.attention`), and never read the cache.
+        `layers`: `layer_states()`, computed once by a decode loop (else each call slices
+        every layer's weights out of the stacked ones: a copy per step on XLA:CPU).
+
+        The layers run as a Python loop (decode is matmul-vector work: a scan would copy each
+        layer's weights and cache out of the stacked arrays every step)."""
         cfg = self.cfg
         dt = jnp.dtype(self.precision.compute_dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
@@ -518,20 +519,21 @@ class Transformer(nnx.Module):
             x_btd += jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
         rope_bt = (rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta)
                    if cfg.style == "llama" else None)
-        block_def, block_state = nnx.split(self.blocks)
-
-        def layer(x_btd, xs):
-            layer_state, k_bksh, v_bksh = xs
-            return nnx.merge(block_def, layer_state)(x_btd, rope_bt,
-                                                     (k_bksh, v_bksh, positions_bt))
-
-        cached = (None, None) if empty else (cache["k"], cache["v"])
-        x_btd, (k_new, v_new) = jax.lax.scan(layer, x_btd, (block_state, *cached))
-        cache = {"k": write_cache(cache["k"], positions_bt, k_new),
-                 "v": write_cache(cache["v"], positions_bt, v_new)}
+        block_def = nnx.graphdef(self.blocks)
+        written = []
+        for i, layer_state in enumerate(self.layer_states() if layers is None else layers):
+            x_btd, kv = nnx.merge(block_def, layer_state)(
+                x_btd, rope_bt, (cache["k"][i], cache["v"][i], positions_bt, empty))
+            written.append(kv)
+        cache = {"k": tuple(k for k, _ in written), "v": tuple(v for _, v in written)}
         if logits_at is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_at[:, None, None], axis=1)
         return self.logits(self.final_norm(x_btd)), constrain_cache(cache)
+
+    def layer_states(self) -> list:
+        """Each layer's parameters, sliced out of the stacked ones (for `decode`'s `layers`)."""
+        block_state = nnx.state(self.blocks)
+        return [jax.tree.map(lambda a: a[i], block_state) for i in range(self.cfg.num_layers)]
 
     def logits(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Next-token logits of `hidden`'s output (in compute_dtype)."""
@@ -541,23 +543,24 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict[str, Array]:
-    """An empty KV cache for `batch` rows of up to `length` positions: k and v of
-    [layers, batch, kv_heads, length, head_dim] (lm.sharding.KV_CACHE_AXES) in `dtype` (the
-    compute dtype, or "int8", which stores int8 values and a float32 scale per position and kv
-    head (`Int8Array`). Under a mesh the rows are sharded like the batch (data, fsdp) and the
-    kv heads over tensor."""
+    """An empty KV cache for `batch` rows of up to `length` positions: k and v, each a tuple of
+    one [batch, kv_heads, length, head_dim] array per layer (lm.sharding.KV_CACHE_AXES) in
+    `dtype` (the compute dtype, or "int8", which stores int8 values and a float32 scale per
+    position and kv head (`Int8Array`). Under a mesh the rows are sharded like the batch (data,
+    fsdp) and the kv heads over tensor."""
     shape = cache_shape(cfg, batch, length)
     if jnp.dtype(dtype) == jnp.int8:
         empty = lambda: Int8Array(jnp.zeros(shape, jnp.int8),
                                   jnp.ones(shape[:-1] + (1,), jnp.float32))
     else:
         empty = lambda: jnp.zeros(shape, jnp.dtype(dtype))
-    return constrain_cache({"k": empty(), "v": empty()})
+    return constrain_cache({name: tuple(empty() for _ in range(cfg.num_layers))
+                            for name in "kv"})
 
 
 def cache_shape(cfg: ModelConfig, batch, length) -> tuple:
-    """The shape of the k (or v) cache, in the order of lm.sharding.KV_CACHE_AXES."""
-    return (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+    """The shape of one layer's k (or v) cache, in the order of lm.sharding.KV_CACHE_AXES."""
+    return (batch, cfg.num_kv_heads, length, cfg.head_dim)
 
 
 def constrain_cache(cache):

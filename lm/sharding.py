@@ -38,12 +38,12 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
-# The KV cache's axes (lm.model.init_cache): [layers, batch, kv_heads, length, head_dim], a
-# layer's keys of one row and head contiguous, so that a decode step's attention reads each
-# (row, head) as one matrix (XLA:CPU transposed the whole cache per layer and step in the
-# [.., length, kv_heads, ..] layout: 5-9x slower at batch 8-32). None: not sharded.
-KV_CACHE_AXES = ("layers", "batch", "kv_heads", None, None)
-KV_CACHE_BATCH_AXIS, KV_CACHE_LENGTH_AXIS = 1, 3
+# The axes of one layer's KV cache (lm.model.init_cache): [batch, kv_heads, length, head_dim],
+# the keys of one row and head contiguous, so that a decode step's attention reads each (row,
+# head) as one matrix (XLA:CPU transposed the whole cache per layer and step in a [.., length,
+# kv_heads, ..] layout: 5-9x slower at batch 8-32). None: not sharded.
+KV_CACHE_AXES = ("batch", "kv_heads", None, None)
+KV_CACHE_BATCH_AXIS, KV_CACHE_LENGTH_AXIS = 0, 2
 ZERO_AXES = ("data", "fsdp")  # ZeRO shards over every data-parallel replica
 _TENSOR_NAMES = ("heads", "kv_heads", "mlp", "vocab")
 _ALL_NAMES = tuple(name for name, _ in RULES)

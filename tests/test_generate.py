@@ -244,8 +244,8 @@ def test_sharded_engine_and_slots_equal_one_device():
     assert sharded.generate(prompts, sp) == single.generate(prompts, sp)
     slots = sharded.slots(3)
     assert slots.num_slots == 4  # rounded up to the data ways
-    spec = slots.cache["k"].sharding.spec
-    assert spec[1] == "data" and spec[2] == "tensor", spec  # lm.sharding.KV_CACHE_AXES
+    spec = slots.cache["k"][0].sharding.spec
+    assert spec[0] == "data" and spec[1] == "tensor", spec  # lm.sharding.KV_CACHE_AXES
     got = [slots.insert(i, p, sp) for i, p in enumerate(prompts)]
     for _ in range(7):
         got = [g if isinstance(g, list) else [g] for g in got]
@@ -262,7 +262,8 @@ def test_int8_kv_cache_matches_the_float_cache_closely():
     tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 300)
     full = np.asarray(model(tokens))
     cache = init_cache(model.cfg, 2, 32, "int8")
-    assert cache["k"].q.dtype == jnp.int8 and cache["k"].scale.shape == (2, 2, 2, 32, 1)
+    assert len(cache["k"]) == 2  # layers
+    assert cache["k"][0].q.dtype == jnp.int8 and cache["k"][0].scale.shape == (2, 2, 32, 1)
     graphdef, state = nnx.split(model)
     decode = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s).decode(t, p, c))
     logits, cache = decode(state, tokens[:, :16], jnp.broadcast_to(jnp.arange(16), (2, 16)),
