@@ -11,6 +11,8 @@
 #   gpt2      GPT-2 small bf16: cuDNN vs XLA attention, each steering custom VJP off in turn
 #   precision GPT-2 small step time in float32 (TF32) vs bfloat16 vs float16
 #   decode    bench/generate.py at batch 1, 8, 32 against HF generate and the memory roof
+#   decode-graphs  the same (lm only) with XLA's command buffers for the loop body (CUDA graphs:
+#             no per-iteration kernel launches from the host)
 #   trace     a profiler trace of GPT-2 small (python -m lm.trace prints its breakdown)
 # CPU dry run of the same commands, tiny shapes: SHAPE_OVERRIDE=cpu bash bench/gpu.sh gpt2
 set -u
@@ -50,6 +52,11 @@ for section in ${@:-llama gpt2 decode}; do
         --prompt 128 --new 128 --batches 1,8,32 --peer-device $([ "$gpu" = 1 ] && echo cuda || echo cpu) \
         --hf-python "$py" --variants plain,int8 --json "$OUT/generate_gpu.json" 2>&1 \
         | tee "$OUT/generate.log" | grep -v "^  (peer" ;;
+    decode-graphs) echo "== decode with the while loop and conditionals in CUDA graphs"
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CONDITIONAL,WHILE" \
+      timeout ${GEN_TIMEOUT:-200} $py bench/generate.py --shape "$small" --dtype $dt \
+        --prompt 128 --new 128 --batches 1,8,32 --peer-device none --variants plain \
+        --json "$OUT/generate_gpu_graphs.json" 2>&1 | tee "$OUT/generate_graphs.log" ;;
     trace) echo "== trace"
       w=$(mktemp -d)
       timeout ${TRACE_TIMEOUT:-150} $py -m lm.train --config configs/gpt2_small.py --workdir "$w" \
@@ -58,6 +65,6 @@ for section in ${@:-llama gpt2 decode}; do
         > "$OUT/trace_train.log" 2>&1
       $py -m lm.trace "$w" --top 15 2>&1 | tee "$OUT/trace.txt"
       cp -r "$w/tb/plugins" "$OUT/trace_plugins" 2>/dev/null ;;
-    *) echo "unknown section $section (llama gpt2 precision decode trace)"; exit 2 ;;
+    *) echo "unknown section $section (llama gpt2 precision decode decode-graphs trace)"; exit 2 ;;
   esac
 done
