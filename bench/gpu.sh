@@ -14,6 +14,10 @@
 #   decode-graphs  the same (lm only) with XLA's command buffers for the loop body (CUDA graphs:
 #             no per-iteration kernel launches from the host)
 #   trace     a profiler trace of GPT-2 small (python -m lm.trace prints its breakdown)
+#   bert      bench/bert.py: BERT-large phase 1 (seq 128, NVLAMB, one microbatch) bf16 at 64
+#             sequences per GPU, sequences/s and MFU beside NVIDIA's 580 seq/s per A100, against
+#             BertForPreTraining (AdamW; MLM head on all positions, and on the 20 masked ones)
+#             (~4 min; BERT_BATCH, BERT_REMAT=none|dots|full, BERT_TIMEOUT)
 # CPU dry run of the same commands, tiny shapes: SHAPE_OVERRIDE=cpu bash bench/gpu.sh gpt2
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -65,6 +69,12 @@ for section in ${@:-llama gpt2 decode}; do
         > "$OUT/trace_train.log" 2>&1
       $py -m lm.trace "$w" --top 15 2>&1 | tee "$OUT/trace.txt"
       cp -r "$w/tb/plugins" "$OUT/trace_plugins" 2>/dev/null ;;
-    *) echo "unknown section $section (llama gpt2 precision decode decode-graphs trace)"; exit 2 ;;
+    bert) echo "== bert"
+      bsize=large; [ "$gpu" = 1 ] || bsize=base  # the CPU dry run: BERT-base at batch 8
+      timeout ${BERT_TIMEOUT:-360} $py bench/bert.py --size $bsize --seq 128 \
+        --batch ${BERT_BATCH:-$([ "$gpu" = 1 ] && echo 64 || echo 8)} --steps ${STEPS:-8} \
+        ${BERT_REMAT:+--remat $BERT_REMAT} --peer-head all,masked --peer-python "$py" \
+        --json "$OUT/bert.json" 2>&1 | tee "$OUT/bert.log" | grep -v "^  (peer" ;;
+    *) echo "unknown section $section (llama gpt2 precision decode decode-graphs trace bert)"; exit 2 ;;
   esac
 done

@@ -3,6 +3,7 @@
     python -m lm.train --config configs/tiny.py --workdir /tmp/tiny          # GPT-2 style
     python -m lm.train --config configs/tiny.py:llama --workdir /tmp/tiny    # Llama style (GQA)
     python -m lm.train --config configs/tiny.py:nvlamb --workdir /tmp/tiny   # 4x the batch, NVLAMB
+    python -m lm.train --config configs/tiny.py:bert --workdir /tmp/tiny-bert # BERT, MLM + NSP
 
 Expected on 2 CPU cores: about 5.5 minutes; the loss falls from ~5.9 to ~1.6 nats/byte and the
 final sample looks like Python (`def ...`, `self.assertEqual(` and the like).
@@ -25,7 +26,17 @@ def get_config(arg=None):
         c.train.update(batch_size=64, microbatches=4, steps=200)
         c.optim.update(name="nvlamb", lr=scale_lr(1e-2, 16, 64, "sqrt"), b2=0.999, eps=1e-6,
                        weight_decay=0.01, clip_norm=1.0)
+    elif arg == "bert":
+        # BERT's pretraining objective on the same corpus: a WordPiece vocabulary trained on it,
+        # masked-LM + next-sentence prediction on sentence pairs, NVLAMB as NVIDIA trains BERT.
+        c.model.update(style="bert", nsp_head=True, vocab_size=8192, max_len=128,
+                       norm_eps=1e-12)
+        c.data.tokenizer = "wordpiece:8192"
+        c.task.update(name="mlm_nsp", max_predictions=20)
+        c.train.update(steps=400, batch_size=32, seq_len=128)
+        c.optim.update(name="nvlamb", lr=1e-2, b2=0.999, eps=1e-6, weight_decay=0.01,
+                       clip_norm=1.0, warmup_steps=40, schedule="poly")
     elif arg not in (None, "gpt2"):
         raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; valid: 'gpt2', 'llama', "
-                         "'nvlamb'")
+                         "'nvlamb', 'bert'")
     return c

@@ -233,7 +233,7 @@ def _sync(name: str) -> None:
 
 # Keys that must be equal to resume: the model, how its parameters and optimizer state are stored.
 RESUME_KEYS = (("precision", "param_dtype"), ("precision", "compute_dtype"),
-               ("precision", "master_weights"), ("optim", "name"))
+               ("precision", "master_weights"), ("optim", "name"), ("task", "name"))
 
 
 def _config_diff(saved: dict, now: dict) -> list[str]:

@@ -21,9 +21,10 @@ from typing import Any
 
 import ml_collections
 
-STYLES = ("gpt2", "llama")
+STYLES = ("gpt2", "llama", "bert")
+TASKS = ("lm", "mlm", "mlm_nsp")
 OPTIMIZERS = ("adamw", "lamb", "lars", "nvlamb", "sgd")
-SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt")
+SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt", "poly")
 REMAT = ("none", "full", "dots", "minimal")
 ATTENTION = ("auto", "xla", "cudnn")
 LOSS_SCALE = ("auto", "dynamic", "none")
@@ -59,10 +60,11 @@ def allowed(field: dataclasses.Field) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The network (`lm/model.py`). One definition, two styles."""
-    style: str = key("gpt2", "'gpt2' (learned positions, LayerNorm, GELU, tied output head) or "
-                     "'llama' (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head)",
-                     STYLES)
+    """The network (`lm/model.py`). One definition, three styles."""
+    style: str = key("gpt2", "'gpt2' (learned positions, LayerNorm, GELU, tied output head), "
+                     "'llama' (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head) or "
+                     "'bert' (a bidirectional post-LN encoder: token types, exact GELU, the "
+                     "masked-LM head; task.name 'mlm' or 'mlm_nsp')", STYLES)
     num_layers: int = key(4, "transformer layers", gt=0)
     d_model: int = key(256, "width of the residual stream", gt=0)
     num_heads: int = key(4, "query heads; head_dim = d_model / num_heads", gt=0)
@@ -75,7 +77,10 @@ class ModelConfig:
     max_len: int = key(256, "longest sequence (learned positions, KV cache length when "
                        "serving)", gt=0)
     rope_theta: float = key(10000.0, "RoPE base frequency (llama style)")
-    norm_eps: float = key(1e-5, "epsilon of LayerNorm / RMSNorm")
+    norm_eps: float = key(1e-5, "epsilon of LayerNorm / RMSNorm (BERT: 1e-12)")
+    type_vocab_size: int = key(2, "bert: rows of the token-type (segment) embedding", gt=0)
+    nsp_head: bool = key(False, "bert: the pooler (dense + tanh on [CLS]) and the 2-way "
+                         "next-sentence head (needed by task.name 'mlm_nsp')")
     scan_layers: bool = key(True, "lax.scan over the stacked layers (fast compiles, less memory "
                             "with remat) or unroll them (often faster steps for shallow models)")
     remat: str = key("none", "what a layer keeps for the backward pass: 'none', 'full' (its "
@@ -92,8 +97,35 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    # What each style is made of (the model and lm.convert ask these, not the style's name).
     @property
     def tied_embeddings(self) -> bool:
+        return self.style in ("gpt2", "bert")
+
+    @property
+    def causal(self) -> bool:
+        return self.style != "bert"
+
+    @property
+    def post_norm(self) -> bool:
+        """Each sub-layer's residual sum is normalized (BERT) rather than its input."""
+        return self.style == "bert"
+
+    @property
+    def biases(self) -> bool:
+        return self.style in ("gpt2", "bert")
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.style in ("gpt2", "bert")
+
+    @property
+    def rope(self) -> bool:
+        return self.style == "llama"
+
+    @property
+    def gelu_approximate(self) -> bool:
+        """GPT-2's tanh GELU; BERT's is exact (erf)."""
         return self.style == "gpt2"
 
 
@@ -118,6 +150,9 @@ class TrainConfig:
                                  ge=0)
     init_from: str = key("", "start from these parameters (a checkpoint directory, a workdir, "
                          "or an lm.convert from-hf directory); fresh optimizer state")
+    phase_start: int = key(0, "the step at which this phase's learning-rate schedule starts "
+                           "(BERT's phase 2: resumed from phase 1's last checkpoint at this step, "
+                           "the data loader may change seq_len and batch and starts over)", ge=0)
     profile_steps: str = key("", "'START:STOP': a jax.profiler trace of steps START..STOP "
                              "(from 1, inclusive) into WORKDIR/tb (TensorBoard's profile tab); "
                              "'' = off")
@@ -135,7 +170,9 @@ class OptimConfig:
     lr: float = key(3e-4, "peak learning rate (lm.optim.scale_lr: linear / sqrt batch-size "
                     "rules)", gt=0)
     schedule: str = key("cosine", "after the linear warmup: 'cosine', 'linear', 'constant', "
-                        "'inverse_sqrt'", SCHEDULES)
+                        "'inverse_sqrt', 'poly' (NVIDIA's BERT: lr (1 - t / T)^poly_power)",
+                        SCHEDULES)
+    poly_power: float = key(0.5, "the exponent of the 'poly' schedule", gt=0)
     warmup_steps: int = key(100, "linear warmup from 0 to lr", ge=0)
     decay_steps: int = key(0, "end of the cosine / linear decay; 0 = train.steps", ge=0)
     min_lr_ratio: float = key(0.1, "floor of the decay, as a fraction of lr", ge=0, le=1)
@@ -219,6 +256,28 @@ class DataConfig:
                               "evaluation", gt=0, lt=0.5)
     shuffle: bool = key(True, "a seeded permutation of the sequences each epoch")
     prefetch: int = key(2, "batches built ahead by a background thread; 0 = none", ge=0)
+    tokenizer: str = key("bytes", "embedded corpus: 'bytes' or 'wordpiece:N' (a WordPiece "
+                         "vocabulary of N entries trained on it, with BERT's special tokens)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What a run trains (`lm/tasks.py`): next-token prediction or BERT's masked-LM objectives."""
+    name: str = key("lm", "'lm' (causal next-token, the decoders), 'mlm' (masked-LM on packed "
+                    "windows) or 'mlm_nsp' (masked-LM + next-sentence prediction on sentence "
+                    "pairs; needs model.nsp_head)", TASKS)
+    mask_prob: float = key(0.15, "mlm: share of each sequence's tokens chosen for prediction "
+                           "(80% become [MASK], 10% a random token, 10% stay)", gt=0, lt=1)
+    max_predictions: int = key(0, "mlm: at most this many predicted tokens per sequence (NVIDIA: "
+                               "20 at seq_len 128, 80 at 512); 0 = seq_len", ge=0)
+    whole_word_mask: bool = key(False, "mlm: choose whole words (a WordPiece word and its ## "
+                                "pieces) rather than single tokens")
+    nsp_random_prob: float = key(0.5, "mlm_nsp: share of pairs whose second segment is a random "
+                                 "one (label 1)", ge=0, le=1)
+
+    @property
+    def masked(self) -> bool:
+        return self.name != "lm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +294,7 @@ class CheckpointConfig:
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig,
     "precision": PrecisionConfig, "mesh": MeshConfig, "pipeline": PipelineConfig,
-    "data": DataConfig, "checkpoint": CheckpointConfig,
+    "data": DataConfig, "checkpoint": CheckpointConfig, "task": TaskConfig,
 }
 
 
@@ -249,6 +308,7 @@ class RunConfig:
     pipeline: PipelineConfig = PipelineConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    task: TaskConfig = TaskConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -372,12 +432,24 @@ def validate(run: RunConfig) -> None:
            f"({m.num_heads}) must divide model.d_model ({m.d_model})")
     _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
            f"({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
-    if m.style == "gpt2":
+    if m.style != "llama":
         _check(m.num_kv_heads == m.num_heads, "model.num_kv_heads",
-               f"must equal model.num_heads ({m.num_heads}) for style 'gpt2'")
+               f"must equal model.num_heads ({m.num_heads}) for style {m.style!r}")
     else:
         _check(m.head_dim % 2 == 0, "model.d_model",
                f"/ model.num_heads must be even for RoPE, got head_dim {m.head_dim}")
+    k = run.task
+    _check((m.style == "bert") == k.masked, "task.name",
+           f"({k.name!r}) must be 'mlm' or 'mlm_nsp' for model.style 'bert' (an encoder) and "
+           f"'lm' for the decoders (model.style is {m.style!r})")
+    _check(k.name != "mlm_nsp" or m.nsp_head, "model.nsp_head",
+           "must be True for task.name 'mlm_nsp' (the next-sentence head)")
+    _check(k.max_predictions <= t.seq_len, "task.max_predictions",
+           f"({k.max_predictions}) must be <= train.seq_len ({t.seq_len})")
+    _check(not k.masked or t.seq_len >= 8, "train.seq_len",
+           f"must be >= 8 for a masked-LM task, got {t.seq_len}")
+    _check(t.phase_start < t.steps, "train.phase_start",
+           f"({t.phase_start}) must be < train.steps ({t.steps})")
     _check(t.seq_len <= m.max_len, "train.seq_len",
            f"({t.seq_len}) must be <= model.max_len ({m.max_len})")
     _check(t.batch_size % t.microbatches == 0, "train.microbatches",

@@ -1,15 +1,18 @@
-"""Hugging Face checkpoints in and out: GPT2LMHeadModel and LlamaForCausalLM.
+"""Hugging Face checkpoints in and out: GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM and
+BertForPreTraining.
 
     python -m lm.convert from-hf HF_DIR OUT_DIR     # safetensors (+ index json) + config.json
     python -m lm.convert to-hf CKPT_DIR HF_DIR      # a workdir, checkpoints/ or one step dir
 
 from-hf writes OUT_DIR as a training workdir holding one checkpoint (step 0: parameters and the
 run config) and, where HF_DIR has a `tokenizer.json` with an end-of-text token, the tokenizer:
-OUT_DIR then works as `--checkpoint` of lm.generate / lm.serve / lm.export and as
-`--config.train.init_from` of lm.train. Parameters are stored float32 in lm's layout: the layers
-stacked on a leading axis (scanned), attention weights split per head ([embed, heads, head_dim]).
+OUT_DIR then works as `--checkpoint` of lm.generate / lm.serve / lm.export (a BERT: of
+lm.predict) and as `--config.train.init_from` of lm.train. Parameters are stored float32 in
+lm's layout: the layers stacked on a leading axis (scanned), attention weights split per head
+([embed, heads, head_dim]).
 to-hf writes `model.safetensors` and a `config.json` that `from_pretrained` loads, plus the
-tokenizer.json where the run had a BPE tokenizer. Needs no transformers or torch.
+tokenizer.json where the run had a BPE tokenizer (a BERT: and a tokenizer_config.json, so that
+`AutoTokenizer.from_pretrained` works). Needs no transformers or torch.
 
 Mapping (HF -> lm; HF Linear weights are [out, in], GPT-2's Conv1D [in, out]):
     GPT-2  wte -> embed, wpe -> pos_embed, h.i.ln_1/ln_2 -> attn_norm/mlp_norm (scale, bias),
@@ -19,6 +22,16 @@ Mapping (HF -> lm; HF Linear weights are [out, in], GPT-2's Conv1D [in, out]):
            attn_norm / mlp_norm, self_attn.{q,k,v,o}_proj -> wq, wk, wv, wo, mlp.gate_proj ->
            wg, up_proj -> wi, down_proj -> wo, norm -> final_norm, lm_head -> unembed (a tied
            Llama gets unembed = embed)
+    BERT   bert.embeddings.{word,position,token_type}_embeddings -> embed, pos_embed,
+           type_embed, embeddings.LayerNorm -> embed_norm; encoder.layer.i.attention.self.
+           {query,key,value} -> wq|wk|wv (+ bq|bk|bv), attention.output.dense -> attn.wo (+ bo),
+           attention.output.LayerNorm -> attn_norm (post-LN), intermediate.dense -> mlp.wi
+           (+ bi), output.dense -> mlp.wo (+ bo), output.LayerNorm -> mlp_norm;
+           cls.predictions.transform.{dense,LayerNorm} -> mlm_dense, mlm_norm,
+           cls.predictions.bias -> vocab_bias, the decoder tied to embed (a file's
+           cls.predictions.decoder.* must equal them); where both are present bert.pooler.dense
+           -> pooler and cls.seq_relationship -> nsp (model.nsp_head, task mlm_nsp).
+           TF-era LayerNorm.gamma / .beta are read as .weight / .bias.
 """
 from __future__ import annotations
 
@@ -36,13 +49,17 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from lm.checkpoint import Checkpointer
 from lm.config import ConfigError, defaults, from_config_dict, override
-from lm.data.tokenizer import DATA_FILE, BPETokenizer
-from lm.generate import Engine
+from lm.data import tokenizer as lm_tokenizer
+from lm.data.tokenizer import DATA_FILE
 from lm.model import abstract_model
+from lm.predict import load_checkpoint
 
-ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "BertForMaskedLM": "bert",
+         "BertForPreTraining": "bert"}
 # Buffers some exports carry that are not parameters.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq",
+                    "embeddings.position_ids", "embeddings.token_type_ids")
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,8 +113,10 @@ def model_fields(hf: dict) -> dict:
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in ARCHS), None)
     if arch is None:
+        why = (" (BertModel has no masked-LM head: convert a BertForMaskedLM or "
+               "BertForPreTraining)" if "BertModel" in archs else "")
         raise ConfigError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
-                          f"supported: {', '.join(ARCHS)}")
+                          f"supported: {', '.join(ARCHS)}{why}")
 
     def unsupported(field, value, allowed):
         if hf.get(field, allowed) != allowed:
@@ -115,6 +134,19 @@ def model_fields(hf: dict) -> dict:
                       num_kv_heads=heads, mlp_dim=hf.get("n_inner") or 4 * d,
                       vocab_size=_get(hf, "vocab_size"), max_len=_get(hf, "n_positions"),
                       norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    elif ARCHS[arch] == "bert":
+        d, heads = _get(hf, "hidden_size"), _get(hf, "num_attention_heads")
+        unsupported("hidden_act", "gelu", "gelu")  # exact (erf) GELU, in the MLM head too
+        unsupported("position_embedding_type", "absolute", "absolute")
+        unsupported("is_decoder", False, False)
+        unsupported("add_cross_attention", False, False)
+        unsupported("tie_word_embeddings", True, True)
+        fields = dict(style="bert", num_layers=_get(hf, "num_hidden_layers"), d_model=d,
+                      num_heads=heads, num_kv_heads=heads, mlp_dim=_get(hf, "intermediate_size"),
+                      vocab_size=_get(hf, "vocab_size"),
+                      max_len=_get(hf, "max_position_embeddings"),
+                      type_vocab_size=_get(hf, "type_vocab_size", 2),
+                      norm_eps=float(hf.get("layer_norm_eps", 1e-12)))
     else:
         d, heads = _get(hf, "hidden_size"), _get(hf, "num_attention_heads")
         unsupported("hidden_act", "silu", "silu")
@@ -144,8 +176,19 @@ def model_fields(hf: dict) -> dict:
     return fields
 
 
-def hf_config(m, eod_id: int | None = None) -> dict:
+def hf_config(m, eod_id: int | None = None, pad_id: int | None = None) -> dict:
     """A config.json for `from_pretrained` from lm's ModelConfig."""
+    if m.style == "bert":
+        return {"architectures": ["BertForPreTraining" if m.nsp_head else "BertForMaskedLM"],
+                "model_type": "bert", "num_hidden_layers": m.num_layers,
+                "hidden_size": m.d_model, "num_attention_heads": m.num_heads,
+                "intermediate_size": m.mlp_dim, "vocab_size": m.vocab_size,
+                "max_position_embeddings": m.max_len, "type_vocab_size": m.type_vocab_size,
+                "layer_norm_eps": m.norm_eps, "hidden_act": "gelu",
+                "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+                "initializer_range": 0.02, "pad_token_id": 0 if pad_id is None else pad_id,
+                "is_decoder": False, "add_cross_attention": False,
+                "tie_word_embeddings": True, "torch_dtype": "float32"}
     ids = {"bos_token_id": eod_id, "eos_token_id": eod_id}
     if m.style == "gpt2":
         return ids | {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -177,6 +220,62 @@ def _gpt2_layer(m, i):
         "mlp.wi": (p + "mlp.c_fc.weight", (d, f)), "mlp.bi": (p + "mlp.c_fc.bias", (f,)),
         "mlp.wo": (p + "mlp.c_proj.weight", (f, d)), "mlp.bo": (p + "mlp.c_proj.bias", (d,)),
     }, (p + "attn.c_attn.weight", (d, 3 * d)), (p + "attn.c_attn.bias", (3 * d,)), (n, h)
+
+
+def _bert_top(m):
+    """lm path -> (HF name, HF shape, lm shape, is an nn.Linear weight: [out, in] there)."""
+    d, v = m.d_model, m.vocab_size
+    e, c = "bert.embeddings.", "cls.predictions."
+    top = {"embed": (e + "word_embeddings.weight", (v, d), (v, d), False),
+           "pos_embed": (e + "position_embeddings.weight", (m.max_len, d), (m.max_len, d), False),
+           "type_embed": (e + "token_type_embeddings.weight", (m.type_vocab_size, d),
+                          (m.type_vocab_size, d), False),
+           "embed_norm/scale": (e + "LayerNorm.weight", (d,), (d,), False),
+           "embed_norm/bias": (e + "LayerNorm.bias", (d,), (d,), False),
+           "mlm_dense/w": (c + "transform.dense.weight", (d, d), (d, d), True),
+           "mlm_dense/bias": (c + "transform.dense.bias", (d,), (d,), False),
+           "mlm_norm/scale": (c + "transform.LayerNorm.weight", (d,), (d,), False),
+           "mlm_norm/bias": (c + "transform.LayerNorm.bias", (d,), (d,), False),
+           "vocab_bias": (c + "bias", (v,), (v,), False)}
+    if m.nsp_head:
+        top |= {"pooler/w": ("bert.pooler.dense.weight", (d, d), (d, d), True),
+                "pooler/bias": ("bert.pooler.dense.bias", (d,), (d,), False),
+                "nsp/w": ("cls.seq_relationship.weight", (2, d), (d, 2), True),
+                "nsp/bias": ("cls.seq_relationship.bias", (2,), (2,), False)}
+    return top
+
+
+def _bert_layer(m, i):
+    """As `_bert_top`, for layer i (lm paths under blocks/, one layer's slice)."""
+    d, n, h, f = m.d_model, m.num_heads, m.head_dim, m.mlp_dim
+    p = f"bert.encoder.layer.{i}."
+    a, o = p + "attention.self.", p + "attention.output."
+    return {
+        **{f"attn/w{x}": (f"{a}{name}.weight", (d, d), (d, n, h), True)
+           for x, name in zip("qkv", ("query", "key", "value"))},
+        **{f"attn/b{x}": (f"{a}{name}.bias", (d,), (n, h), False)
+           for x, name in zip("qkv", ("query", "key", "value"))},
+        "attn/wo": (o + "dense.weight", (d, d), (n, h, d), True),
+        "attn/bo": (o + "dense.bias", (d,), (d,), False),
+        "attn_norm/scale": (o + "LayerNorm.weight", (d,), (d,), False),
+        "attn_norm/bias": (o + "LayerNorm.bias", (d,), (d,), False),
+        "mlp/wi": (p + "intermediate.dense.weight", (f, d), (d, f), True),
+        "mlp/bi": (p + "intermediate.dense.bias", (f,), (f,), False),
+        "mlp/wo": (p + "output.dense.weight", (d, f), (f, d), True),
+        "mlp/bo": (p + "output.dense.bias", (d,), (d,), False),
+        "mlp_norm/scale": (p + "output.LayerNorm.weight", (d,), (d,), False),
+        "mlp_norm/bias": (p + "output.LayerNorm.bias", (d,), (d,), False),
+    }
+
+
+def bert_aliases(t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """TF-era names (LayerNorm.gamma / .beta) as today's (.weight / .bias)."""
+    def name(k):
+        if ".LayerNorm." in k or k.startswith("LayerNorm."):
+            return k.removesuffix(".gamma") + ".weight" if k.endswith(".gamma") else (
+                k.removesuffix(".beta") + ".bias" if k.endswith(".beta") else k)
+        return k
+    return {name(k): x for k, x in t.items()}
 
 
 def from_hf_tensors(m, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -221,6 +320,28 @@ def from_hf_tensors(m, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if not np.array_equal(take("lm_head.weight", (v, d), why), out["embed"]):
                 raise ConfigError("lm_head.weight differs from transformer.wte.weight: lm's "
                                   "gpt2 style ties the output head to the input embedding")
+    elif m.style == "bert":
+        why += f", type_vocab={m.type_vocab_size}, nsp_head={m.nsp_head}"
+
+        def lm(entry):
+            name, hf_shape, lm_shape, linear = entry
+            x = take(name, hf_shape, why)
+            return (x.T if linear else x).reshape(lm_shape)
+
+        if "cls.predictions.bias" not in t and "cls.predictions.decoder.bias" in t:
+            t = {**t, "cls.predictions.bias": t["cls.predictions.decoder.bias"]}
+        out = {path: lm(entry) for path, entry in _bert_top(m).items()}
+        for i in range(m.num_layers):
+            for path, entry in _bert_layer(m, i).items():
+                put(path, lm(entry))
+        # Older files hold the tied decoder too; lm ties it, so it must be the same tensors.
+        for name, tied, ours in (("cls.predictions.decoder.weight", "bert.embeddings."
+                                  "word_embeddings.weight", out["embed"]),
+                                 ("cls.predictions.decoder.bias", "cls.predictions.bias",
+                                  out["vocab_bias"])):
+            if name in t and not np.array_equal(take(name, ours.shape, why), ours):
+                raise ConfigError(f"{name} differs from {tied}: lm's bert style ties the "
+                                  "masked-LM decoder to the input embedding and its bias")
     else:
         out = {"embed": take("model.embed_tokens.weight", (v, d), why),
                "final_norm/scale": take("model.norm.weight", (d,), why)}
@@ -255,7 +376,16 @@ def to_hf_tensors(m, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     d, n, k, h = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
     b = {path[len("blocks/"):]: x for path, x in params.items() if path.startswith("blocks/")}
     t = {}
-    if m.style == "gpt2":
+
+    def hf(x, entry):
+        _, hf_shape, _, linear = entry
+        return x.reshape(hf_shape[::-1]).T if linear else x.reshape(hf_shape)
+
+    if m.style == "bert":  # the tied decoder is left out, as transformers 5 saves it
+        t = {entry[0]: hf(params[path], entry) for path, entry in _bert_top(m).items()}
+        for i in range(m.num_layers):
+            t |= {entry[0]: hf(b[path][i], entry) for path, entry in _bert_layer(m, i).items()}
+    elif m.style == "gpt2":
         t["transformer.wte.weight"] = params["embed"]
         t["transformer.wpe.weight"] = params["pos_embed"]
         t["transformer.ln_f.weight"] = params["final_norm/scale"]
@@ -304,9 +434,21 @@ def from_hf(hf_dir: str, out_dir: str) -> dict:
     fields = model_fields(hf)
     if os.path.isdir(os.path.join(out_dir, "checkpoints")):
         raise ConfigError(f"{out_dir} already holds checkpoints; choose a new OUT_DIR")
-    run = from_config_dict(override(defaults(), **{f"model.{k}": v for k, v in fields.items()},
-                                    **{"train.seq_len": min(1024, fields["max_len"])}))
     raw = read_safetensors(hf_dir)
+    task = {}
+    if fields["style"] == "bert":
+        raw = bert_aliases(raw)
+        # The tensors decide, not the architecture name: the Hub's bert-base-uncased says
+        # BertForMaskedLM and ships the pooler and the next-sentence head.
+        pooler = [k for k in raw if k.startswith("bert.pooler.")]
+        fields["nsp_head"] = bool(pooler) and "cls.seq_relationship.weight" in raw
+        if pooler and not fields["nsp_head"]:
+            print("lm.convert: bert.pooler.* without cls.seq_relationship: the pooler is not "
+                  "converted (no next-sentence head)", file=sys.stderr)
+            raw = {k: x for k, x in raw.items() if k not in pooler}
+        task = {"task.name": "mlm_nsp" if fields["nsp_head"] else "mlm"}
+    run = from_config_dict(override(defaults(), **{f"model.{k}": v for k, v in fields.items()},
+                                    **{"train.seq_len": min(1024, fields["max_len"])}, **task))
     if run.model.style == "gpt2" and "wte.weight" in raw and "transformer.wte.weight" not in raw:
         raw = {f"transformer.{k}": x for k, x in raw.items()}  # the original GPT-2 uploads
     tensors = from_hf_tensors(run.model, raw)
@@ -328,7 +470,7 @@ def _carry_tokenizer_in(hf_dir: str, out_dir: str) -> str | None:
     if not os.path.exists(path):
         return None
     try:
-        tok = BPETokenizer.from_file(path)
+        tok = lm_tokenizer.load(path)
     except (ValueError, OSError, Exception) as e:  # noqa: BLE001 (any tokenizer problem)
         print(f"lm.convert: tokenizer not carried over: {e}", file=sys.stderr)
         return None
@@ -340,20 +482,54 @@ def _carry_tokenizer_in(hf_dir: str, out_dir: str) -> str | None:
 
 def to_hf(checkpoint: str, hf_dir: str) -> dict:
     """Writes model.safetensors + config.json (+ tokenizer.json) of an lm checkpoint."""
-    engine = Engine.from_checkpoint(checkpoint)
-    m = engine.cfg
+    run, params, tok = load_checkpoint(checkpoint)
+    m = run.model
     params = {_path_of(p): np.asarray(x) for p, x in
-              jax.tree_util.tree_flatten_with_path(engine.params)[0]}
+              jax.tree_util.tree_flatten_with_path(params)[0]}
     tensors = to_hf_tensors(m, params)
     write_safetensors(tensors, hf_dir)
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
-        tok = engine.tokenizer
-        json.dump(hf_config(m, tok.eod_id if tok is not None else None), f, indent=1)
+        json.dump(hf_config(m, *((tok.eod_id, tok.pad_id) if tok is not None else ())), f,
+                  indent=1)
+    tok_file = os.path.join(hf_dir, "tokenizer.json")
     if tok is not None and getattr(tok, "path", None):
-        shutil.copy(tok.path, os.path.join(hf_dir, "tokenizer.json"))
+        shutil.copy(tok.path, tok_file)
+    elif tok is not None and hasattr(getattr(tok, "tokenizer", None), "save"):
+        tok.tokenizer.save(tok_file)
     elif tok is not None:
-        byte_level_tokenizer(tok.eod_id, tok.pad_id).save(os.path.join(hf_dir, "tokenizer.json"))
+        byte_level_tokenizer(tok.eod_id, tok.pad_id).save(tok_file)
+    if tok is not None and m.style == "bert":
+        with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
+            json.dump(tokenizer_config(tok_file, m.max_len), f, indent=1)
     return {"style": m.style, "tensors": len(tensors)}
+
+
+def tokenizer_config(tok_file: str, max_len: int) -> dict:
+    """tokenizer_config.json for `AutoTokenizer.from_pretrained`: BertTokenizer for a standard
+    BERT WordPiece tokenizer.json (transformers rebuilds its normalizer, pre-tokenizer and
+    [CLS] / [SEP] template from these keys, so they must say what the file does), else the
+    generic class, which runs the file as it is."""
+    with open(tok_file) as f:
+        spec = json.load(f)
+    vocab = (spec.get("model") or {}).get("vocab") or {}
+    added = {t.get("content") for t in spec.get("added_tokens") or []}
+    present = [t for t in BERT_SPECIALS if t in vocab or t in added]
+    names = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"),
+                     BERT_SPECIALS))
+    out = {k: v for k, v in names.items() if v in present}
+    norm, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    bert_like = ((spec.get("model") or {}).get("type") == "WordPiece"
+                 and (spec["model"].get("continuing_subword_prefix") or "##") == "##"
+                 and spec["model"].get("unk_token", "[UNK]") == "[UNK]"
+                 and norm.get("type") == "BertNormalizer"
+                 and pre.get("type") == "BertPreTokenizer" and len(present) == len(BERT_SPECIALS))
+    if bert_like:
+        out |= {"tokenizer_class": "BertTokenizer", "do_lower_case": bool(norm.get("lowercase")),
+                "strip_accents": norm.get("strip_accents"),
+                "tokenize_chinese_chars": bool(norm.get("handle_chinese_chars", True))}
+    else:
+        out["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return out | {"model_max_length": max_len}
 
 
 def byte_level_tokenizer(eod_id: int, pad_id: int):

@@ -1,9 +1,13 @@
-"""The decoder-only transformer, GPT-2 or Llama style by config.
+"""The transformer: a GPT-2 or Llama style decoder or a BERT style encoder, by config.
 
     style 'gpt2':  learned positions, LayerNorm (scale + bias), GELU MLP, biases, tied embeddings
     style 'llama': RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases, untied output
+    style 'bert':  gpt2's parts, but bidirectional attention over the unpadded tokens (`lengths`),
+                   token-type embeddings, a LayerNorm on the embeddings, post-norm blocks, exact
+                   (erf) GELU, and the masked-LM head (dense, GELU, LayerNorm, the tied decoder
+                   with its own bias), plus the pooler and next-sentence head (model.nsp_head)
 
-Both are pre-norm residual stacks. The layers are one `Block` whose parameters are stacked along
+The decoders are pre-norm residual stacks, BERT post-norm (`ModelConfig.post_norm`). The layers are one `Block` whose parameters are stacked along
 a leading `layers` axis (built with `nnx.vmap`) and applied with `lax.scan` (unrolled when
 `scan_layers` is False: faster steps for shallow models, longer compiles for deep ones).
 
@@ -43,7 +47,7 @@ REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.save_only_these_names("attention"),
 }
 # Per-feature vectors (biases, norm scales): no weight decay (see lm.optim.decay_mask).
-VECTOR_PARAMS = frozenset({"scale", "bias", "bq", "bk", "bv", "bo", "bi"})
+VECTOR_PARAMS = frozenset({"scale", "bias", "bq", "bk", "bv", "bo", "bi", "vocab_bias"})
 # The custom VJPs that only steer XLA, and the backends (jax.default_backend()) that use each;
 # elsewhere plain autodiff runs. Each was measured faster on XLA:CPU (bench/RESULTS.md). On GPUs
 # and TPUs they are unmeasured and stay on for now: `bench/train_throughput.py --steering`
@@ -184,8 +188,17 @@ def rope(x_btnh: Float[Array, "B T N H"], tables) -> Float[Array, "B T N H"]:
 
 def causal_attention(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T K H"],
                      v_btkh: Float[Array, "B T K H"]) -> Float[Array, "B T N H"]:
-    """softmax(q k^T / sqrt(H) + causal mask) v, with K key/value heads shared by N / K query
-    heads each (grouped-query attention; K must divide N).
+    """`dot_attention` with the causal mask (the decoders' training attention)."""
+    return dot_attention(q_btnh, k_btkh, v_btkh, causal=True)
+
+
+def dot_attention(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T K H"],
+                  v_btkh: Float[Array, "B T K H"], causal: bool,
+                  lengths_b: Int[Array, "B"] | None = None) -> Float[Array, "B T N H"]:
+    """softmax(q k^T / sqrt(H) + mask) v, with K key/value heads shared by N / K query heads
+    each (grouped-query attention; K must divide N). The mask hides later keys (`causal`) and
+    the keys at or past each row's `lengths_b` (right padding; queries there still attend to
+    the row's real keys, as in Hugging Face's BERT).
 
     Logits and softmax in float32; the backward keeps q, k, v and the probabilities in the
     compute dtype (2as^2b bytes per layer at 16 bits, Korthikanti et al.'s count without
@@ -200,8 +213,12 @@ def causal_attention(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T 
         q, k_btkh = q.astype(jnp.float32), k_btkh.astype(jnp.float32)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, k_btkh,
                         preferred_element_type=jnp.float32) * h ** -0.5
-    # An additive mask: a `where` here would make autodiff keep a [B, N, T, T] mask and fill.
-    logits += jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, -1e30)
+    # Additive masks: a `where` here would make autodiff keep a [B, N, T, T] mask and fill.
+    if causal:
+        logits += jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, -1e30)
+    if lengths_b is not None:  # [B, 1, 1, 1, T]: no [B, N, T, T] array either
+        keys = jnp.arange(t)[None, :] < lengths_b[:, None]
+        logits += jnp.where(keys, 0.0, -1e30)[:, None, None, None, :]
     probs = (_softmax_to(logits, dt) if steers("softmax") else
              jax.nn.softmax(logits, axis=-1).astype(dt))
     if dt == jnp.float16 and jax.default_backend() == "cpu":
@@ -241,12 +258,13 @@ def _cudnn_unavailable(dtype: jnp.dtype, head_dim: int) -> str:
 
 
 def attend(q_btnh: Float[Array, "B T N H"], k_btkh: Float[Array, "B T K H"],
-           v_btkh: Float[Array, "B T K H"], impl: str) -> Float[Array, "B T N H"]:
-    """Causal grouped-query attention by `attention_impl`'s `impl`."""
+           v_btkh: Float[Array, "B T K H"], impl: str, causal: bool = True,
+           lengths_b: Int[Array, "B"] | None = None) -> Float[Array, "B T N H"]:
+    """Grouped-query attention by `attention_impl`'s `impl` (see `dot_attention`)."""
     if impl == "lm":
-        return causal_attention(q_btnh, k_btkh, v_btkh)
-    return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True,
-                                        implementation=impl)
+        return dot_attention(q_btnh, k_btkh, v_btkh, causal, lengths_b)
+    return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=causal,
+                                        key_value_seq_lengths=lengths_b, implementation=impl)
 
 
 def cached_attention(q_btnh: Float[Array, "B T N H"], k_cache_bksh, v_cache_bksh,
@@ -305,7 +323,8 @@ _softmax_to.defvjp(_softmax_to_fwd, _softmax_to_bwd)
 
 
 class Attention(nnx.Module):
-    """Causal multi-head attention with `num_kv_heads` shared key/value heads (GQA)."""
+    """Multi-head attention with `num_kv_heads` shared key/value heads (GQA); causal but for
+    BERT."""
 
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -317,28 +336,28 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
         self.wv = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
         self.wo = _param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), dtype)
-        if cfg.style == "gpt2":
+        if cfg.biases:
             zeros = jax.nn.initializers.zeros
             self.bq = _param(rngs, zeros, (n, h), ("heads", "head_dim"), dtype)
             self.bk = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
             self.bv = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
             self.bo = _param(rngs, zeros, (d,), ("embed",), dtype)
 
-    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None
+    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None, lengths_b=None
                  ) -> Float[Array, "B T D"] | tuple[Float[Array, "B T D"], tuple]:
         """With `cache` = (k [B, K, S, H], v, positions_bt, empty): writes the new keys and
         values into the layer's cache and attends over it (`cached_attention`), or, `empty`
         (a prefill from position 0 into an empty cache), over the new tokens alone, as in
-        training; returns (output, (k, v) updated). Without, causal attention over x alone
-        (`model.attention`)."""
+        training; returns (output, (k, v) updated). Without, attention over x alone
+        (`model.attention`; BERT: over each row's first `lengths_b` tokens)."""
         cfg, dt = self.cfg, x_btd.dtype
 
         q_btnh, k_btkh, v_btkh = (dense_named(x_btd, w[...]) for w in (self.wq, self.wk, self.wv))
-        if cfg.style == "gpt2":
+        if cfg.biases:
             q_btnh += self.bq[...].astype(dt)
             k_btkh += self.bk[...].astype(dt)
             v_btkh += self.bv[...].astype(dt)
-        else:
+        if cfg.rope:
             q_btnh = rope(q_btnh, rope_bt)
             k_btkh = rope(k_btkh, rope_bt)
         if cache is not None:
@@ -348,22 +367,22 @@ class Attention(nnx.Module):
         if cache is not None and not empty:
             out_btnh = cached_attention(q_btnh, *kv, positions_bt)
         else:
-            out_btnh = checkpoint_name(attend(q_btnh, k_btkh, v_btkh, attention_impl(cfg, dt)),
-                                       "attention")
+            out_btnh = checkpoint_name(attend(q_btnh, k_btkh, v_btkh, attention_impl(cfg, dt),
+                                              cfg.causal, lengths_b), "attention")
         out_btd = dense_named(out_btnh, self.wo[...], 2)
-        if cfg.style == "gpt2":
+        if cfg.biases:
             out_btd += self.bo[...].astype(dt)
         return out_btd if cache is None else (out_btd, kv)
 
 
 class Mlp(nnx.Module):
-    """GELU MLP (gpt2, with biases) or SwiGLU (llama)."""
+    """GELU MLP (gpt2: tanh GELU, bert: exact; with biases) or SwiGLU (llama)."""
 
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.mlp_dim
         init = jax.nn.initializers.normal(0.02)
         out_init = jax.nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
-        self.gated = cfg.style == "llama"
+        self.gated, self.approximate = cfg.style == "llama", cfg.gelu_approximate
         self.wi = _param(rngs, init, (d, f), ("embed", "mlp"), dtype)
         self.wo = _param(rngs, out_init, (f, d), ("mlp", "embed"), dtype)
         if self.gated:
@@ -379,7 +398,7 @@ class Mlp(nnx.Module):
         if self.gated:
             out_btd = _swiglu_out(dense_named(x_btd, self.wg[...]), h_btf, self.wo[...])
         else:
-            out_btd = _gelu_out(h_btf + self.bi[...].astype(dt), self.wo[...])
+            out_btd = _gelu_out(h_btf + self.bi[...].astype(dt), self.wo[...], self.approximate)
             out_btd += self.bo[...].astype(dt)
         return out_btd
 
@@ -387,9 +406,9 @@ class Mlp(nnx.Module):
 # The activation and the output projection, checkpointed together: the backward keeps the
 # activation's inputs ([B, T, F] once, twice for SwiGLU) and recomputes the elementwise
 # function, instead of keeping its output and every intermediate of tanh-GELU (six [B, T, F]).
-@jax.checkpoint
-def _gelu_out(h_btf, wo):
-    h_btf = constrain(jax.nn.gelu(h_btf, approximate=True), ("batch", "length", "mlp"))
+@partial(jax.checkpoint, static_argnums=(2,))
+def _gelu_out(h_btf, wo, approximate: bool):
+    h_btf = constrain(jax.nn.gelu(h_btf, approximate=approximate), ("batch", "length", "mlp"))
     return dense_named(h_btf, wo)
 
 
@@ -400,17 +419,28 @@ def _swiglu_out(g_btf, h_btf, wo):
 
 
 class Block(nnx.Module):
-    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """One transformer layer. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)); post-norm
+    (BERT): norm(x + attn(x)), then norm(x + mlp(x)) (attn_norm and mlp_norm are then Hugging
+    Face's attention.output.LayerNorm and output.LayerNorm)."""
 
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
+        self.post_norm = cfg.post_norm
         self.attn_norm = Norm(cfg, dtype, rngs=rngs)
         self.attn = Attention(cfg, dtype, rngs=rngs)
         self.mlp_norm = Norm(cfg, dtype, rngs=rngs)
         self.mlp = Mlp(cfg, dtype, rngs=rngs)
 
-    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None):
+    def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None, lengths_b=None):
         """`rope_bt`: the (cos, sin) tables of `rope_tables` (llama style), else None;
-        `cache`: see `Attention` (then returns (x, (k, v)))."""
+        `cache`: see `Attention` (then returns (x, (k, v))); `lengths_b`: BERT's unpadded
+        lengths."""
+        if self.post_norm:
+            with jax.named_scope("block"):
+                with jax.named_scope("attention"):
+                    x_btd = self.attn_norm(x_btd + self.attn(x_btd, lengths_b=lengths_b))
+                with jax.named_scope("mlp"):
+                    x_btd = self.mlp_norm(x_btd + self.mlp(x_btd))
+                return constrain(x_btd, ("batch", "length", "embed"))
         with jax.named_scope("block"):  # the names a profiler trace shows
             with jax.named_scope("attention"):
                 attn_btd = self.attn(self.attn_norm(x_btd), rope_bt, cache)
@@ -423,9 +453,22 @@ class Block(nnx.Module):
         return x_btd if cache is None else (x_btd, kv)
 
 
+class Linear(nnx.Module):
+    """x @ w + bias, [D] -> [out] (BERT's heads: the MLM transform, the pooler, NSP)."""
+
+    def __init__(self, d_in: int, d_out: int, dtype: jnp.dtype, *, rngs: nnx.Rngs):
+        self.w = _param(rngs, jax.nn.initializers.normal(0.02), (d_in, d_out), ("embed", None),
+                        dtype)
+        self.bias = _param(rngs, jax.nn.initializers.zeros, (d_out,), (None,), dtype)
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... O"]:
+        return dense_named(x, self.w[...]) + self.bias[...].astype(x.dtype)
+
+
 class Transformer(nnx.Module):
-    """Token ids [B, T] -> next-token logits [B, T, V] (in compute_dtype). Parameters are
-    stored in `precision.param_dtype`, activations computed in `precision.compute_dtype`."""
+    """Token ids [B, T] -> next-token logits [B, T, V] (BERT: masked-LM logits; in
+    compute_dtype). Parameters are stored in `precision.param_dtype`, activations computed in
+    `precision.compute_dtype`."""
 
     def __init__(self, cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfig(), *,
                  rngs: nnx.Rngs):
@@ -433,9 +476,13 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(precision.param_dtype)
         init = jax.nn.initializers.normal(0.02)
         self.embed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype)
-        if cfg.style == "gpt2":
+        if cfg.learned_positions:
             self.pos_embed = _param(rngs, jax.nn.initializers.normal(0.01),
                                     (cfg.max_len, cfg.d_model), ("positions", "embed"), dtype)
+        if cfg.style == "bert":
+            self.type_embed = _param(rngs, init, (cfg.type_vocab_size, cfg.d_model),
+                                     ("positions", "embed"), dtype)
+            self.embed_norm = Norm(cfg, dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -443,7 +490,16 @@ class Transformer(nnx.Module):
             return Block(cfg, dtype, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = Norm(cfg, dtype, rngs=rngs)
+        if not cfg.post_norm:  # a post-norm stack ends normalized
+            self.final_norm = Norm(cfg, dtype, rngs=rngs)
+        if cfg.style == "bert":  # the masked-LM head, its decoder tied to `embed`
+            self.mlm_dense = Linear(cfg.d_model, cfg.d_model, dtype, rngs=rngs)
+            self.mlm_norm = Norm(cfg, dtype, rngs=rngs)
+            self.vocab_bias = _param(rngs, jax.nn.initializers.zeros, (cfg.vocab_size,),
+                                     ("vocab",), dtype)
+        if cfg.nsp_head:
+            self.pooler = Linear(cfg.d_model, cfg.d_model, dtype, rngs=rngs)
+            self.nsp = Linear(cfg.d_model, 2, dtype, rngs=rngs)
         if not cfg.tied_embeddings:
             # Stored [vocab, embed] like the input table: XLA:CPU then runs the head's backward
             # as the same GEMMs as the tied case (measured faster than [embed, vocab]).
@@ -451,13 +507,16 @@ class Transformer(nnx.Module):
                                   dtype)
 
     def __call__(self, tokens_bt: Int[Array, "B T"], positions_bt: Int[Array, "B T"] | None = None,
-                 pipeline: Pipeline | None = None) -> Float[Array, "B T V"]:
-        return self.logits(self.hidden(tokens_bt, positions_bt, pipeline))
+                 pipeline: Pipeline | None = None, **encoder) -> Float[Array, "B T V"]:
+        return self.logits(self.hidden(tokens_bt, positions_bt, pipeline, **encoder))
 
     def hidden(self, tokens_bt: Int[Array, "B T"], positions_bt: Int[Array, "B T"] | None = None,
-               pipeline: Pipeline | None = None) -> Float[Array, "B T D"]:
+               pipeline: Pipeline | None = None, token_types: Int[Array, "B T"] | None = None,
+               lengths: Int[Array, "B"] | None = None) -> Float[Array, "B T D"]:
         """The final-normed residual stream; `pipeline`: run the layers through lm.pipeline's
-        schedule over the `pipeline` mesh axis (training and evaluation)."""
+        schedule over the `pipeline` mesh axis (training and evaluation). BERT also takes the
+        `token_types` (segment ids; None: all 0) and, for right-padded rows, the `lengths`
+        (None: no padding)."""
         cfg = self.cfg
         dt = jnp.dtype(self.precision.compute_dtype)
         if positions_bt is None:
@@ -465,20 +524,17 @@ class Transformer(nnx.Module):
         elif pipeline is not None:
             raise ValueError("a pipelined forward takes no positions: every micro-batch uses "
                              "0..T-1")
-        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
-        if cfg.style == "gpt2":
-            x_btd += jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
-        x_btd = constrain(x_btd, ("batch", "length", "embed"))
+        x_btd = constrain(self._embed(tokens_bt, positions_bt, token_types),
+                          ("batch", "length", "embed"))
         rope_rows = positions_bt if pipeline is None else \
             positions_bt[:tokens_bt.shape[0] // pipeline.microbatches]
-        rope_bt = (rope_tables(rope_rows, cfg.head_dim, cfg.rope_theta)
-                   if cfg.style == "llama" else None)
+        rope_bt = rope_tables(rope_rows, cfg.head_dim, cfg.rope_theta) if cfg.rope else None
 
         block_def, block_state = nnx.split(self.blocks)
 
-        def layer(x_btd, layer_state):
+        def layer(x_btd, layer_state, lengths_b=lengths):
             x_btd = materialize_grad(x_btd) if steers("materialize_grad") else x_btd
-            return nnx.merge(block_def, layer_state)(x_btd, rope_bt), None
+            return nnx.merge(block_def, layer_state)(x_btd, rope_bt, lengths_b=lengths_b), None
 
         remat = (lambda f, prevent_cse: jax.checkpoint(
             f, prevent_cse=prevent_cse, policy=REMAT_POLICIES[cfg.remat])
@@ -486,7 +542,7 @@ class Transformer(nnx.Module):
         if pipeline is not None:
             # Remat applies to each stage's layers as a whole, per schedule iteration.
             x_btd = run_pipeline(layer, block_state, x_btd, pipeline,
-                                 wrap_stage=lambda f: remat(f, False))
+                                 wrap_stage=lambda f: remat(f, False), rows=lengths)
         elif cfg.scan_layers:
             # Inside scan CSE cannot undo the recomputation; unrolled it can, so prevent it there.
             x_btd, _ = jax.lax.scan(remat(layer, False), x_btd, block_state)
@@ -495,7 +551,20 @@ class Transformer(nnx.Module):
             # (scan(unroll=L) would still keep the backward's residuals in stacked buffers).
             for i in range(cfg.num_layers):
                 x_btd, _ = remat(layer, True)(x_btd, jax.tree.map(lambda a: a[i], block_state))
-        return self.final_norm(x_btd)
+        return x_btd if cfg.post_norm else self.final_norm(x_btd)
+
+    def _embed(self, tokens_bt, positions_bt, token_types_bt=None) -> Float[Array, "B T D"]:
+        """Token (+ learned position, + BERT's token-type, then its LayerNorm) embeddings."""
+        cfg = self.cfg
+        dt = jnp.dtype(self.precision.compute_dtype)
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        if cfg.learned_positions:
+            x_btd += jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
+        if cfg.style == "bert":
+            types = jnp.zeros_like(tokens_bt) if token_types_bt is None else token_types_bt
+            x_btd = self.embed_norm(x_btd + jnp.take(self.type_embed[...], types, axis=0
+                                                     ).astype(dt))
+        return x_btd
 
     def decode(self, tokens_bt: Int[Array, "B T"], positions_bt: Int[Array, "B T"],
                cache: dict[str, tuple], logits_at: Int[Array, "B"] | None = None,
@@ -513,12 +582,11 @@ class Transformer(nnx.Module):
         The layers run as a Python loop (decode is matmul-vector work: a scan would copy each
         layer's weights and cache out of the stacked arrays every step)."""
         cfg = self.cfg
-        dt = jnp.dtype(self.precision.compute_dtype)
-        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
-        if cfg.style == "gpt2":
-            x_btd += jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
-        rope_bt = (rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta)
-                   if cfg.style == "llama" else None)
+        if not cfg.causal:
+            raise ConfigError(f"a model.style {cfg.style!r} encoder does not generate text; "
+                              "`python -m lm.predict` fills its masked tokens")
+        x_btd = self._embed(tokens_bt, positions_bt)
+        rope_bt = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta) if cfg.rope else None
         block_def = nnx.graphdef(self.blocks)
         written = []
         for i, layer_state in enumerate(self.layer_states() if layers is None else layers):
@@ -535,11 +603,26 @@ class Transformer(nnx.Module):
         block_state = nnx.state(self.blocks)
         return [jax.tree.map(lambda a: a[i], block_state) for i in range(self.cfg.num_layers)]
 
-    def logits(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        """Next-token logits of `hidden`'s output (in compute_dtype)."""
+    def logits(self, x_btd: Float[Array, "B T D"], positions_bp: Int[Array, "B P"] | None = None
+               ) -> Float[Array, "B T V"]:
+        """Next-token logits of `hidden`'s output (in compute_dtype). BERT: the masked-LM
+        logits, of the tokens at `positions_bp` only ([B, P, V]) when given."""
+        names = ("batch", "length", "vocab")
+        if positions_bp is not None:
+            x_btd = jnp.take_along_axis(x_btd, positions_bp[..., None], axis=1)
+            names = ("batch", None, "vocab")
+        if self.cfg.style == "bert":
+            h_btd = self.mlm_dense(x_btd)
+            x_btd = self.mlm_norm(jax.nn.gelu(h_btd, approximate=False))
         table_vd = self.embed if self.cfg.tied_embeddings else self.unembed
         logits_btv = jnp.einsum("btd,vd->btv", x_btd, table_vd[...].astype(x_btd.dtype))
-        return constrain(logits_btv, ("batch", "length", "vocab"))
+        if self.cfg.style == "bert":
+            logits_btv += self.vocab_bias[...].astype(logits_btv.dtype)
+        return constrain(logits_btv, names)
+
+    def nsp_logits(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B 2"]:
+        """BERT's next-sentence logits (0: B follows A) from the pooled first ([CLS]) token."""
+        return self.nsp(jnp.tanh(self.pooler(x_btd[:, 0])))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict[str, Array]:

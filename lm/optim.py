@@ -35,22 +35,27 @@ from lm.config import OptimConfig, PrecisionConfig
 from lm.model import VECTOR_PARAMS
 
 
-def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+def schedule(cfg: OptimConfig, total_steps: int, start: int = 0) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then `cfg.schedule`: cosine or linear
-    decay to `lr * min_lr_ratio` at `decay_steps` (0: the end of training), constant, or
-    inverse square root (lr * sqrt(warmup / step))."""
+    decay to `lr * min_lr_ratio` at `decay_steps` (0: the end of training), constant, inverse
+    square root (lr * sqrt(warmup / step)), or NVIDIA's BERT 'poly', lr (1 - step /
+    decay_steps)^poly_power (to 0; not renormalized after the warmup, as NVIDIA's
+    PolyWarmUpScheduler). Steps count from `start` (train.phase_start: a phase's schedule
+    starts over), and decay_steps / total_steps are counted from there too."""
     peak, warmup = cfg.lr, cfg.warmup_steps
     end = peak * cfg.min_lr_ratio
-    decay_end = max(cfg.decay_steps or total_steps, warmup + 1)
+    decay_end = max(cfg.decay_steps or total_steps - start, warmup + 1)
 
     def lr(step):
-        step = jnp.asarray(step, jnp.float32)
+        step = jnp.maximum(jnp.asarray(step, jnp.float32) - start, 0.0)
         warm = peak * step / max(warmup, 1)
         frac = jnp.clip((step - warmup) / (decay_end - warmup), 0.0, 1.0)
         if cfg.schedule == "cosine":
             after = end + (peak - end) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
         elif cfg.schedule == "linear":
             after = peak + (end - peak) * frac
+        elif cfg.schedule == "poly":
+            after = peak * (1 - jnp.clip(step / decay_end, 0.0, 1.0)) ** cfg.poly_power
         elif cfg.schedule == "constant":
             after = jnp.full_like(step, peak)
         else:  # inverse_sqrt (validated in lm.config)
@@ -102,8 +107,10 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0,
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    lr = schedule(cfg, total_steps)
+def make_optimizer(cfg: OptimConfig, total_steps: int, start: int = 0
+                   ) -> optax.GradientTransformation:
+    """The optimizer of `cfg` with `schedule(cfg, total_steps, start)`."""
+    lr = schedule(cfg, total_steps, start)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     wd = cfg.weight_decay
     if cfg.name == "adamw":

@@ -66,13 +66,15 @@ class Pipeline:
 
 
 def run(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
-        wrap_stage: Callable = lambda f: f) -> jax.Array:
+        wrap_stage: Callable = lambda f: f, rows=None) -> jax.Array:
     """Applies all stacked layers to `x_btd` [B, T, D] through the pipeline.
 
-    `layer_fn(x_btd, layer_state) -> (x_btd, None)` is one layer (as scanned by the model);
-    `block_state` its parameters stacked along a leading [L] axis; `wrap_stage` wraps one
-    stage's work in an iteration (the model's remat: `jax.checkpoint` with its policy). Row r
-    of the batch goes to micro-batch r % M (so each device's rows stay on it)."""
+    `layer_fn(x_btd, layer_state, rows) -> (x_btd, None)` is one layer (as scanned by the
+    model); `block_state` its parameters stacked along a leading [L] axis; `wrap_stage` wraps one
+    stage's work in an iteration (the model's remat: `jax.checkpoint` with its policy); `rows`:
+    per-row inputs of the layers ([B, ...] arrays, e.g. BERT's lengths, or None), which travel
+    with their micro-batch. Row r of the batch goes to micro-batch r % M (so each device's rows
+    stay on it)."""
     s_, m_, v_ = pipe.stages, pipe.microbatches, pipe.virtual_stages
     b, t, d = x_btd.shape
     num_layers = jax.tree.leaves(block_state)[0].shape[0]
@@ -86,11 +88,12 @@ def run(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
 
     stage_params = jax.tree.map(by_stage, block_state)
     micro_mbtd = split_microbatches(x_btd, m_)
+    micro_rows = jax.tree.map(lambda a: split_microbatches(a, m_), rows)
 
-    def stage_fn(params, x_btd, chunk):
+    def stage_fn(params, x_btd, chunk, rows_b):
         # gpipe: a static index, which JAX hoists out of the loop (kept once, not per iteration)
         chunk_params = jax.tree.map(lambda a: a[chunk] if v_ > 1 else a[0], params)
-        x_btd, _ = jax.lax.scan(layer_fn, x_btd, chunk_params)
+        x_btd, _ = jax.lax.scan(lambda x, p: layer_fn(x, p, rows_b), x_btd, chunk_params)
         return x_btd
 
     stages = jax.vmap(wrap_stage(stage_fn), spmd_axis_name="pipeline" if _meshed() else None)
@@ -102,7 +105,8 @@ def run(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
         chunk = jnp.clip(i // m_, 0, v_ - 1)
         first = jax.lax.dynamic_index_in_dim(buffer_mbtd, i[0] % m_, keepdims=False)
         state_sbtd = _on_stages(state_sbtd.at[0].set(first))
-        out_sbtd = _on_stages(stages(stage_params, state_sbtd, chunk))
+        rows_s = jax.tree.map(lambda a: a[i % m_], micro_rows)  # each stage's micro-batch's
+        out_sbtd = _on_stages(stages(stage_params, state_sbtd, chunk, rows_s))
         last = i[-1]
         written = jax.lax.dynamic_update_index_in_dim(buffer_mbtd, out_sbtd[-1], last % m_, 0)
         buffer_mbtd = jnp.where((last >= 0) & (last < v_ * m_), written, buffer_mbtd)

@@ -50,6 +50,7 @@ import sys
 import jax
 
 from lm import hardware, sharding
+from lm.tasks import predictions
 from lm.config import ConfigError, RunConfig, from_config_dict, load_config_file, override
 from lm.model import abstract_model, param_count
 from lm.pipeline import Pipeline
@@ -116,7 +117,8 @@ def plan(run: RunConfig, devices: int) -> dict:
         stage_kept = layer_input if m.remat == "full" else kept * chunk
         # + the micro-batch buffer
         arrays = pipe.iterations * stage_kept + pipe.microbatches + recompute * chunk
-    acts_b = arrays * array_b + logits_bytes(m, b, t.seq_len, shape, lay)
+    acts_b = arrays * array_b + logits_bytes(
+        m, b, predictions(run.task, t.seq_len) if run.task.masked else t.seq_len, shape, lay)
     # The layer in flight in the backward pass: its weights gathered (zero3/fsdp) and cast,
     # its full weight gradient before the reduce-scatter, and its activations' gradients.
     work_b = layer_b + full * array_b
@@ -128,9 +130,7 @@ def plan(run: RunConfig, devices: int) -> dict:
     s, h, a = t.seq_len, m.d_model, m.num_heads
     tp, sp = shape["tensor"], shape["sequence"]
 
-    lookup = m.max_len * h if m.style == "gpt2" else m.vocab_size * h  # free: not a matmul
-    matmul = n_params - lookup
-    flops = (6 * matmul + 12 * m.num_layers * s * h) * t.batch_size * s
+    flops = model_flops(m, run.task, n_params, t.batch_size, s)
 
     # Communication per step, bytes sent by one device.
     comm = {axis: 0.0 for axis in shape}
@@ -172,6 +172,24 @@ def plan(run: RunConfig, devices: int) -> dict:
                       "virtual_stages": pipe.virtual_stages,
                       "layers_per_stage": m.num_layers // stages} if pipe else None),
     }
+
+
+def model_flops(m, task, n_params: int, batch: int, s: int) -> float:
+    """Model FLOPs of one step: 6 per matmul parameter and token + 12 L s d per token for
+    attention (PaLM's convention; lookups are free). BERT's output layer (the MLM transform and
+    the tied decoder) runs on the P predicted positions only, its pooler and NSP head on one."""
+    h = m.d_model
+    lookup = (m.max_len * h if m.learned_positions else 0) + (
+        m.vocab_size * h if not m.tied_embeddings else 0)
+    per_token = 6 * (n_params - lookup) + 12 * m.num_layers * s * h
+    if m.style != "bert":
+        return per_token * batch * s
+    lookup += m.type_vocab_size * h
+    head = m.vocab_size * h + h * h + m.vocab_size + h  # decoder, transform (+ biases)
+    pooled = (h * h + 3 * h + 2) if m.nsp_head else 0
+    body = 6 * (n_params - lookup - head - pooled) + 12 * m.num_layers * s * h
+    p = predictions(task, s)
+    return (body * s + 6 * head * p + 6 * pooled) * batch
 
 
 def train_time(run: RunConfig, p: dict, tokens: float, mfu: float = DEFAULT_MFU,
@@ -239,11 +257,21 @@ def compiled_memory(run: RunConfig, devices=None) -> dict:
     mesh = sharding.make_mesh(run.mesh, devices=devices)
     with jax.set_mesh(mesh):
         trainer = train.build(run, mesh)
-        tokens = jax.ShapeDtypeStruct((run.train.batch_size, run.train.seq_len + 1), "int32",
-                                      sharding=sharding.batch_sharding(mesh))
-        ma = trainer.train_step.lower(trainer.abstract_state(), tokens).compile().memory_analysis()
+        batch = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(
+            shape, "int32", sharding=sharding.batch_sharding(mesh, len(shape))),
+            batch_shapes(run), is_leaf=lambda x: isinstance(x, tuple))
+        ma = trainer.train_step.lower(trainer.abstract_state(), batch).compile().memory_analysis()
     return {"arguments_bytes": ma.argument_size_in_bytes, "temp_bytes": ma.temp_size_in_bytes,
             "total_bytes": ma.argument_size_in_bytes + ma.temp_size_in_bytes}
+
+
+def batch_shapes(run: RunConfig):
+    """The shapes of one step's batch: [B, T + 1] token ids, or a masked-LM task's dict."""
+    b, t = run.train.batch_size, run.train.seq_len
+    if not run.task.masked:
+        return (b, t + 1)
+    shapes = {"tokens": (b, t), "token_types": (b, t), "lengths": (b,)}
+    return shapes | ({"nsp_labels": (b,)} if run.task.name == "mlm_nsp" else {})
 
 
 def format_plan(p: dict) -> str:

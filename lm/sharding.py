@@ -220,6 +220,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a [batch, length] token array: rows over data x fsdp."""
-    return NamedSharding(mesh, logical_to_spec(("batch", None), RULES))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, length] token array (or of a [batch] one, `ndim` 1, or of any
+    rank): rows over data x fsdp."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), RULES))

@@ -32,14 +32,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import distributed, generate, hardware, plan, sharding
 from lm.checkpoint import Checkpointer, load_params
-from lm.config import ConfigError, RunConfig, from_config_dict
+from lm import tasks
+from lm.config import ConfigError, RunConfig, TaskConfig, from_config_dict
 from lm.data.corpus import prepare_stdlib
 from lm.data.dataset import Dataset
-from lm.data.loader import Loader, LoaderState
+from lm.data.prepare import PrepareError
+from lm.data.loader import BertLoader, Loader, LoaderState
 from lm.data.tokenizer import DATA_FILE
 from lm.model import Transformer, abstract_model, param_count
 from lm.pipeline import Pipeline, split_microbatches
 from lm.optim import LossScale, all_finite, make_optimizer, schedule
+from lm.tasks import Masking, xent
 from lm.tracking import Tracker
 
 
@@ -67,6 +70,9 @@ class StepParts:
     micro_sharding: NamedSharding  # of a [microbatches, B / microbatches, T] batch
     grad_sharding: Any  # zero2/zero3: the optimizer state's shards, else None (kept as is)
     skip_nonfinite_updates: bool  # a step with non-finite gradients changes only the loss scale
+    task: TaskConfig = TaskConfig()
+    masking: Masking | None = None  # masked-LM tasks: the ids mask_batch needs
+    seed: int = 0  # train.seed: the masks' keys
 
 
 @dataclasses.dataclass
@@ -77,7 +83,7 @@ class Trainer:
     init: Any        # () -> TrainState
     init_from_params: Any  # params -> TrainState (fresh optimizer state around given parameters)
     train_step: Any  # (state, batch) -> (state, metrics)
-    eval_step: Any   # (params, batch) -> loss
+    eval_step: Any   # (params, batch, index) -> sums (`eval_sums`)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (for restoring onto this mesh)."""
@@ -85,29 +91,49 @@ class Trainer:
                             jax.eval_shape(self.init), self.state_sharding)
 
 
-def loss_fn(graphdef, params, batch_bt: jax.Array, pipeline: Pipeline | None = None
-            ) -> jax.Array:
-    """Mean next-token cross-entropy (float32) of a [B, T + 1] batch.
-
-    With a pipeline, the output layer and the loss run one pipeline micro-batch at a time
-    (checkpointed), so the [B, T, V] logits of the whole batch never exist at once."""
+def loss_fn(graphdef, params, batch, pipeline: Pipeline | None = None,
+            norm: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """(objective, metrics): the mean next-token cross-entropy (float32) of a [B, T + 1] batch,
+    or for a masked-LM batch (a dict, lm.tasks) the summed cross-entropy of its predicted tokens
+    divided by `norm` (the step's predicted tokens per microbatch, so that the microbatches'
+    mean is the step's mean), plus the next-sentence loss where the batch has its labels.
+    metrics: `loss` (the masked-LM part) and `nsp_loss`."""
     model = nnx.merge(graphdef, params)
+    if isinstance(batch, dict):
+        x_btd = model.hidden(batch["tokens"], pipeline=pipeline, **tasks.encoder_inputs(batch))
+        mlm_sum, _ = _head_sums(model, x_btd, batch, pipeline)
+        metrics = {"loss": mlm_sum / norm}
+        if "nsp_labels" in batch:
+            metrics["nsp_loss"], _ = tasks.nsp_terms(model.nsp_logits(x_btd), batch)
+        return sum(metrics.values()), metrics
     if pipeline is None:
-        return xent(model(batch_bt[:, :-1]), batch_bt[:, 1:]).mean()
-    x_btd = model.hidden(batch_bt[:, :-1], pipeline=pipeline)
+        loss = xent(model(batch[:, :-1]), batch[:, 1:]).mean()
+        return loss, {"loss": loss}
+    x_btd = model.hidden(batch[:, :-1], pipeline=pipeline)
+    total, _ = _head_sums(model, x_btd, {"next": batch[:, 1:]}, pipeline)
+    loss = total / (batch.shape[0] * (batch.shape[1] - 1))
+    return loss, {"loss": loss}
+
+
+def _head_sums(model, x_btd, batch: dict, pipeline: Pipeline | None):
+    """(summed cross-entropy, right predictions) of the output layer on `x_btd`: of the next
+    tokens (`batch["next"]` [B, T]) or of a masked-LM batch's predicted tokens. With a
+    pipeline, one pipeline micro-batch at a time (checkpointed), so the logits of the whole
+    batch never exist at once."""
+    def sums(x_btd, batch):
+        if "next" in batch:
+            return xent(model.logits(x_btd), batch["next"]).sum(), jnp.zeros(())
+        return tasks.mlm_sums(model.logits(x_btd, batch["mlm_positions"]), batch)
+
+    if pipeline is None:
+        return sums(x_btd, batch)
     m = pipeline.microbatches
-    chunk_loss = jax.checkpoint(lambda x_btd, y_bt: xent(model.logits(x_btd), y_bt).sum())
-    total, _ = jax.lax.scan(lambda acc, xy: (acc + chunk_loss(*xy), None),
-                            jnp.zeros((), jnp.float32),
-                            (split_microbatches(x_btd, m), split_microbatches(batch_bt[:, 1:], m)))
-    return total / (batch_bt.shape[0] * (batch_bt.shape[1] - 1))
-
-
-def xent(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
-    """[B, T] float32 cross-entropies of [B, T, V] logits (the "loss" scope of a profile)."""
-    with jax.named_scope("loss"):
-        return optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32),
-                                                                targets_bt)
+    chunk = jax.checkpoint(sums)
+    parts = jax.tree.map(lambda a: split_microbatches(a, m), (x_btd, batch))
+    zeros = (jnp.zeros((), jnp.float32),) * 2
+    total, _ = jax.lax.scan(lambda acc, xb: (jax.tree.map(jnp.add, acc, chunk(*xb)), None),
+                            zeros, parts)
+    return total
 
 
 def _to_f32(tree):
@@ -123,35 +149,45 @@ def new_state(params, tx: optax.GradientTransformation, scaler: LossScale,
                       loss_scale=scaler.init(), master=master)
 
 
-def mean_loss_and_grads(parts: StepParts, params, batch_bt, scale) -> tuple[jax.Array, Any]:
-    """The mean loss and its float32 gradients (unscaled). Gradients stay in the parameter
-    dtype until reduced (ZeRO's accounting: 2 bytes per parameter in fp16); microbatches are a
-    scan that sums them into float32, sharded like the optimizer state under zero2/zero3."""
-    scaled = jax.value_and_grad(
-        lambda p, b: loss_fn(parts.graphdef, p, b, parts.pipeline) * scale)
+def mean_loss_and_grads(parts: StepParts, params, batch, scale) -> tuple[dict, Any]:
+    """The loss metrics (`loss_fn`'s) and the objective's float32 gradients (unscaled).
+    Gradients stay in the parameter dtype until reduced (ZeRO's accounting: 2 bytes per
+    parameter in fp16); microbatches are a scan that sums them into float32, sharded like the
+    optimizer state under zero2/zero3."""
+    k = parts.microbatches
+    norm = (jnp.maximum(batch["mlm_weights"].sum(), 1.0) / k if isinstance(batch, dict)
+            else None)  # the step's predicted tokens, per microbatch
+
+    def scaled_loss(p, b):
+        objective, metrics = loss_fn(parts.graphdef, p, b, parts.pipeline, norm)
+        return objective * scale, metrics
+
+    scaled = jax.value_and_grad(scaled_loss, has_aux=True)
     reduce = (lambda g: g) if parts.grad_sharding is None else (
         lambda g: jax.lax.with_sharding_constraint(g, parts.grad_sharding))  # reduce-scatter
-    k = parts.microbatches
     if k == 1:
-        loss, grads = scaled(params, batch_bt)
+        (_, metrics), grads = scaled(params, batch)
         grads = _to_f32(reduce(grads))
     else:
-        def accumulate(carry, micro_bt):
-            loss, grads = scaled(params, micro_bt)
+        def accumulate(carry, micro):
+            (_, metrics), grads = scaled(params, micro)
             return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry,
-                                (loss, reduce(grads))), None
+                                (metrics, reduce(grads))), None
 
-        zeros = (jnp.zeros((), jnp.float32), reduce(jax.tree.map(
-            lambda p: jnp.zeros(p.shape, jnp.float32), params)))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, _microbatches(parts, batch_bt))
-        loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
-    return loss / scale, jax.tree.map(lambda g: g / scale, grads)
+        names = ("loss", "nsp_loss") if isinstance(batch, dict) and "nsp_labels" in batch else \
+            ("loss",)
+        zeros = ({n: jnp.zeros((), jnp.float32) for n in names},
+                 reduce(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)))
+        (metrics, grads), _ = jax.lax.scan(accumulate, zeros, _microbatches(parts, batch))
+        metrics, grads = jax.tree.map(lambda x: x / k, (metrics, grads))
+    return metrics, jax.tree.map(lambda g: g / scale, grads)
 
 
-def _microbatches(parts: StepParts, batch_bt):
-    """[K, B / K, T + 1], each microbatch's rows split over the data devices as the batch is."""
-    return jax.lax.with_sharding_constraint(split_microbatches(batch_bt, parts.microbatches),
-                                            parts.micro_sharding)
+def _microbatches(parts: StepParts, batch):
+    """[K, B / K, ...] of each batch array, each microbatch's rows split over the data devices
+    as the batch is."""
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
+        split_microbatches(a, parts.microbatches), parts.micro_sharding), batch)
 
 
 def apply_update(tx: optax.GradientTransformation, state: TrainState, grads):
@@ -165,11 +201,15 @@ def apply_update(tx: optax.GradientTransformation, state: TrainState, grads):
     return optax.apply_updates(state.params, updates), opt_state, None
 
 
-def train_step(parts: StepParts, state: TrainState, batch_bt) -> tuple[TrainState, dict]:
-    """One optimizer step on a [B, T + 1] batch; returns the new state and its metrics."""
+def train_step(parts: StepParts, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """One optimizer step on a [B, T + 1] batch (or a masked-LM task's dict, masked here with
+    the step's key); returns the new state and its metrics."""
+    if parts.masking is not None:
+        batch = tasks.mask_batch(batch, tasks.step_key(parts.seed, state.step, 1), parts.task,
+                                 parts.masking)
     with nnx.logical_axis_rules(parts.layout.acts):  # the model's activation constraints
-        loss, grads = mean_loss_and_grads(parts, state.params, batch_bt,
-                                          state.loss_scale["scale"])
+        loss_metrics, grads = mean_loss_and_grads(parts, state.params, batch,
+                                                  state.loss_scale["scale"])
         with jax.named_scope("optimizer"):
             updated = apply_update(parts.tx, state, grads)
     loss_scale = state.loss_scale
@@ -179,25 +219,50 @@ def train_step(parts: StepParts, state: TrainState, batch_bt) -> tuple[TrainStat
         updated = jax.tree.map(lambda n, o: jnp.where(finite, n, o), updated, old)
         loss_scale = parts.scaler.update(state.loss_scale, finite)
     params, opt_state, master = updated
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    metrics = loss_metrics | {"grad_norm": optax.tree.norm(grads),
                "loss_scale": state.loss_scale["scale"], "skipped_steps": loss_scale["skipped"]}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       loss_scale=loss_scale, master=master), metrics
 
 
-def eval_step(parts: StepParts, params, batch_bt) -> jax.Array:
-    """The mean loss, in the same microbatches as training (the same peak memory)."""
+def eval_step(parts: StepParts, params, batch, index) -> dict[str, jax.Array]:
+    """Sums over one batch that `_evaluator` adds up: the next-token loss (`loss`, per
+    `count` = 1 batch), or for a masked-LM task (masked by eval batch `index`'s key, the same
+    masks at every evaluation) the predicted tokens' summed loss, their `count`, how many are
+    right, and with NSP the rows and how many are right. In the same microbatches as training
+    (the same peak memory)."""
+    if parts.masking is not None:
+        batch = tasks.mask_batch(batch, tasks.step_key(parts.seed, index, 2), parts.task,
+                                 parts.masking)
     with nnx.logical_axis_rules(parts.layout.acts):
-        loss = lambda b: loss_fn(parts.graphdef, params, b, parts.pipeline)
+        sums = lambda b: _eval_sums(parts, params, b)
         if parts.microbatches == 1:
-            return loss(batch_bt)
-        return jax.lax.map(loss, _microbatches(parts, batch_bt)).mean()
+            out = sums(batch)
+        else:
+            out = jax.tree.map(lambda x: x.sum(0), jax.lax.map(sums, _microbatches(parts, batch)))
+    if parts.masking is None:  # a mean over the microbatches' means
+        out = {"loss": out["loss"] / parts.microbatches, "count": jnp.ones(())}
+    return out
 
 
-def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
-    """Traces nothing yet: works out shapes and shardings abstractly and wraps the jits."""
+def _eval_sums(parts: StepParts, params, batch) -> dict[str, jax.Array]:
+    if not isinstance(batch, dict):
+        return {"loss": loss_fn(parts.graphdef, params, batch, parts.pipeline)[0]}
+    model = nnx.merge(parts.graphdef, params)
+    x_btd = model.hidden(batch["tokens"], pipeline=parts.pipeline, **tasks.encoder_inputs(batch))
+    loss, right = _head_sums(model, x_btd, batch, parts.pipeline)
+    out = {"loss": loss, "count": batch["mlm_weights"].sum(), "mlm_right": right}
+    if "nsp_labels" in batch:
+        _, out["nsp_right"] = tasks.nsp_terms(model.nsp_logits(x_btd), batch)
+        out["rows"] = jnp.asarray(batch["nsp_labels"].shape[0], jnp.float32)
+    return out
+
+
+def build(run: RunConfig, mesh: jax.sharding.Mesh, masking: Masking | None = None) -> Trainer:
+    """Traces nothing yet: works out shapes and shardings abstractly and wraps the jits.
+    `masking`: a masked-LM task's token ids (default: lm's WordPiece layout, `Masking`)."""
     pipe = _pipeline(run, mesh)  # its layout errors first: they say more than a sharding's
-    tx = make_optimizer(run.optim, run.train.steps)
+    tx = make_optimizer(run.optim, run.train.steps, run.train.phase_start)
     scaler = LossScale(run.precision, run.precision.dynamic)
     lay = sharding.layout(run.mesh.rules)
     with jax.set_mesh(mesh):
@@ -212,7 +277,9 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh) -> Trainer:
         microbatches=run.train.microbatches,
         micro_sharding=NamedSharding(mesh, P(None, batch_axes)),
         grad_sharding=opt_param_sharding if lay.scatter_grads else None,
-        skip_nonfinite_updates=scaler.dynamic or run.train.skip_nonfinite)
+        skip_nonfinite_updates=scaler.dynamic or run.train.skip_nonfinite,
+        task=run.task, seed=run.train.seed,
+        masking=(masking or Masking(run.model.vocab_size)) if run.task.masked else None)
     fresh = functools.partial(new_state, tx=tx, scaler=scaler,
                               master_weights=run.precision.master_weights)
     make_params = lambda: nnx.state(Transformer(run.model, run.precision,
@@ -283,7 +350,7 @@ def train(run: RunConfig, workdir: str) -> TrainState:
     profiler = _Profiler(run.train.profile_window, os.path.join(workdir, "tb"))
     # build() sets mesh.rules inside its jits; leaving the block ends a trace still running.
     with jax.set_mesh(mesh), _StopRequest() as stop, profiler:
-        trainer = build(run, mesh)
+        trainer = build(run, mesh, _masking(run, dataset))
         start, state = _initial_state(run, trainer, ckpt, train_data, tracker)
         tracker.write(f"{param_count(state.params):,} parameters, mesh {dict(mesh.shape)}, "
                       f"{dataset.num_tokens('train'):,} train tokens "
@@ -296,7 +363,7 @@ def train(run: RunConfig, workdir: str) -> TrainState:
         train_data.close()
         ckpt.close()
     tracker.finish()
-    if not stop.name and run.train.sample_tokens:
+    if not stop.name and run.train.sample_tokens and run.model.causal:
         _print_sample(run, trainer, state, dataset.tokenizer, mesh)
     return state
 
@@ -308,7 +375,7 @@ def _loop(run: RunConfig, trainer: Trainer, state: TrainState, start: int, train
     A step's loss is checked once the next step is queued, so the check does not stall the
     device."""
     t = run.train
-    lr = schedule(run.optim, t.steps)
+    lr = schedule(run.optim, t.steps, t.phase_start)
     tracker.advance(start)
     timer = _Throughput.of(run, jax.device_count())
     previous = None  # (step, metrics) of the step before
@@ -509,12 +576,23 @@ def _evaluator(run: RunConfig, trainer: Trainer, eval_data: Loader, tracker: Tra
                       f"train.eval_batches={t.eval_batches}")
 
     def evaluate(step: int, params) -> None:
-        losses = [trainer.eval_step(params, eval_data.batch_at(LoaderState(0, i * t.batch_size)))
-                  for i in range(batches)]
-        eval_loss = float(np.mean(jax.device_get(losses)))
-        tracker.log(step, {"eval_loss": eval_loss})
-        tracker.write(f"step {step}: eval_loss {eval_loss:.4f}")
+        sums = [trainer.eval_step(params, eval_data.batch_at(LoaderState(0, i * t.batch_size)),
+                                  i) for i in range(batches)]
+        record = eval_record(jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums)))
+        tracker.log(step, record)
+        tracker.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
     return evaluate
+
+
+def eval_record(sums: dict[str, float]) -> dict[str, float]:
+    """The logged evaluation metrics of `eval_step`'s summed outputs: eval_loss (per predicted
+    token for masked-LM), eval_mlm_accuracy, eval_nsp_accuracy."""
+    record = {"eval_loss": sums["loss"] / max(sums["count"], 1)}
+    if "mlm_right" in sums:
+        record["eval_mlm_accuracy"] = sums["mlm_right"] / max(sums["count"], 1)
+    if "nsp_right" in sums:
+        record["eval_nsp_accuracy"] = sums["nsp_right"] / sums["rows"]
+    return record
 
 
 def _print_sample(run: RunConfig, trainer: Trainer, state: TrainState, tokenizer, mesh) -> None:
@@ -548,15 +626,32 @@ def _loaders(run: RunConfig, dataset: Dataset, mesh) -> tuple[Loader, Loader]:
                           f"vocabulary of the tokenizer of {dataset.path} "
                           f"({dataset.tokenizer.vocab_size})")
     batch_sharding = sharding.batch_sharding(mesh)
+    make = Loader
+    if run.task.masked:  # BERT examples: [CLS] A [SEP] (B [SEP]), token types, lengths
+        tok = dataset.tokenizer
+        make = functools.partial(
+            BertLoader, task=run.task.name, nsp_random_prob=run.task.nsp_random_prob,
+            cls_id=getattr(tok, "cls_id", None), sep_id=getattr(tok, "sep_id", None),
+            pad_id=tok.pad_id, eod_id=tok.eod_id)
     try:
-        train_data = Loader(dataset.split("train"), t.batch_size, t.seq_len, t.seed,
-                            batch_sharding, shuffle=run.data.shuffle, prefetch=run.data.prefetch,
-                            fingerprint=dataset.fingerprint, split="train")
-        eval_data = Loader(dataset.split("val"), t.batch_size, t.seq_len, t.seed, batch_sharding,
-                           shuffle=False, split="val")
+        train_data = make(dataset.split("train"), t.batch_size, t.seq_len, t.seed,
+                          batch_sharding, shuffle=run.data.shuffle, prefetch=run.data.prefetch,
+                          fingerprint=dataset.fingerprint, split="train")
+        eval_data = make(dataset.split("val"), t.batch_size, t.seq_len, t.seed, batch_sharding,
+                         shuffle=False, split="val")
     except ValueError as e:
         raise ConfigError(f"data {dataset.path}: {e}") from None
     return train_data, eval_data
+
+
+def _masking(run: RunConfig, dataset: Dataset) -> Masking | None:
+    """A masked-LM task's token ids, from the data's tokenizer."""
+    if not run.task.masked:
+        return None
+    try:
+        return Masking.of(dataset.tokenizer, run.model.vocab_size)
+    except ValueError as e:
+        raise ConfigError(f"task.name {run.task.name!r} on {dataset.path}: {e}") from None
 
 
 def _record_data(workdir: str, dataset: Dataset) -> None:
@@ -590,12 +685,24 @@ def _initial_state(run: RunConfig, trainer: Trainer, ckpt: Checkpointer, train_d
                               "damaged ones were moved aside as STEP.damaged); run again to "
                               "start from scratch, or use another --workdir")
         step, state, loader_state = restored
+        if step < run.train.phase_start:
+            raise ConfigError(f"train.phase_start is {run.train.phase_start} but the newest "
+                              f"checkpoint in {ckpt.directory} is step {step}: finish the "
+                              "previous phase first (run its config to that step)")
         if loader_state is not None:
+            new_phase = step == run.train.phase_start  # its data may have another shape
+            if new_phase and step:
+                tracker.write(f"step {step} = train.phase_start: a new phase; its data starts "
+                              "from the beginning")
             try:
-                train_data.load_state_dict(loader_state)
+                train_data.load_state_dict(loader_state, new_phase=new_phase and step > 0)
             except ValueError as e:
                 raise ConfigError(f"cannot resume step {step}: {e}") from None
         return step, state
+    if run.train.phase_start:
+        raise ConfigError(f"train.phase_start is {run.train.phase_start}: this phase continues "
+                          f"the previous one's checkpoint at that step, but {ckpt.directory} "
+                          "holds none; run the previous phase in this workdir first")
     if run.train.init_from:
         abstract = trainer.abstract_state().params
         _, _, step, params = load_params(run.train.init_from, lambda _: abstract, tracker.write)
@@ -643,8 +750,14 @@ def open_dataset(run: RunConfig, workdir: str) -> Dataset:
     same workdir reuse it). Each process prepares its own copy: no race on a shared filesystem."""
     path = run.data.path
     if not path:
-        name = "stdlib" if jax.process_index() == 0 else f"stdlib.{jax.process_index()}"
-        path = prepare_stdlib(os.path.join(workdir, "data", name), run.data.val_fraction)
+        name = "stdlib" + ("" if run.data.tokenizer == "bytes" else
+                           "-" + run.data.tokenizer.replace(":", ""))
+        name += "" if jax.process_index() == 0 else f".{jax.process_index()}"
+        try:
+            path = prepare_stdlib(os.path.join(workdir, "data", name), run.data.val_fraction,
+                                  tokenizer=run.data.tokenizer)
+        except (ValueError, PrepareError) as e:
+            raise ConfigError(f"'data.tokenizer': {e}") from None
     try:
         return Dataset(path)
     except ValueError as e:

@@ -1,5 +1,5 @@
-"""`lm.convert`: Hugging Face GPT-2 and Llama checkpoints in and out, against `transformers`
-(PyTorch CPU) on small random models saved locally."""
+"""`lm.convert`: Hugging Face GPT-2, Llama and BERT checkpoints in and out, against
+`transformers` (PyTorch CPU) on small random models saved locally."""
 import json
 import os
 import subprocess
@@ -145,7 +145,7 @@ def test_fine_tuning_starts_from_a_converted_checkpoint(tmp_path):
     ({"num_key_value_heads": 4}, "config does not match the weights"),
     ({"num_attention_heads": 8}, "head_dim=16 is not hidden_size / num_attention_heads"),
     ({"intermediate_size": 128}, "mlp.gate_proj.weight has shape"),
-    ({"architectures": ["BertForMaskedLM"]}, "unsupported architecture"),
+    ({"architectures": ["RobertaForMaskedLM"]}, "unsupported architecture"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope"),
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])
@@ -191,3 +191,158 @@ def test_a_converted_tokenizer_adds_its_bos_to_prompts(tmp_path):
         tokenizer_file=str(tmp_path / "hf" / "tokenizer.json")).encode("abc")
     assert converted.encode_prompt("abc").tolist() == hf_ids and hf_ids[0] == 1
     assert converted.encode("abc").tolist() == hf_ids[1:] and converted.eod_id == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT: an encoder with token types, right padding (lengths), the MLM head and the NSP head.
+
+BERT_VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz")
+              + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+              + "the cat dog sat on mat ran . , The Cat Dog".split())
+
+
+def hf_bert(kind: str = "mlm", **extra):
+    """A random BERT of shapes used nowhere else (3 layers, 6 heads, 3 token types), its
+    LayerNorms and biases random too; eval mode, eager attention, float32. Weights of std 0.15
+    (not BERT's 0.02, which leaves attention near uniform): a swapped query / key shows."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(num_hidden_layers=3, hidden_size=48, num_attention_heads=6,
+                                  intermediate_size=96, vocab_size=320,
+                                  max_position_embeddings=40, type_vocab_size=3,
+                                  initializer_range=0.15, **extra)
+    cls = transformers.BertForPreTraining if kind == "pretraining" else \
+        transformers.BertForMaskedLM
+    model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight")
+                        else 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def bert_tokenizer(tmp_path, lowercase: bool):
+    """A BertTokenizer (transformers v5: the tokenizers-backed one) from a small vocab.txt."""
+    vocab_dir = tmp_path / f"vocab{int(lowercase)}"
+    vocab_dir.mkdir()
+    (vocab_dir / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    return transformers.BertTokenizer.from_pretrained(vocab_dir, do_lower_case=lowercase)
+
+
+def save_bert(tmp_path, kind="mlm", lowercase=False, **extra):
+    model = hf_bert(kind, **extra)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tok = bert_tokenizer(tmp_path, lowercase)
+    tok.save_pretrained(tmp_path / "hf")
+    return model, tok
+
+
+BERT_LENGTHS = np.array([24, 17, 9])
+_rng = np.random.default_rng(1)
+BERT_TOKENS = _rng.integers(0, 320, (3, 24))
+BERT_TYPES = _rng.integers(0, 3, (3, 24))
+
+
+def hf_bert_outputs(model, tokens=BERT_TOKENS, types=BERT_TYPES, lengths=BERT_LENGTHS):
+    """(MLM logits [B, T, V], NSP logits [B, 2] or None), padding masked on the keys."""
+    mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), token_type_ids=torch.tensor(types),
+                    attention_mask=torch.tensor(mask.astype(np.int64)))
+    mlm = out.logits if hasattr(out, "logits") else out.prediction_logits
+    nsp = getattr(out, "seq_relationship_logits", None)
+    return mlm.numpy(), None if nsp is None else nsp.numpy()
+
+
+def lm_bert_outputs(workdir, tokens=BERT_TOKENS, types=BERT_TYPES, lengths=BERT_LENGTHS):
+    from lm.model import abstract_model
+    from lm.predict import load_checkpoint
+    run, params, _ = load_checkpoint(str(workdir))
+    model = nnx.merge(abstract_model(run.model, run.precision)[0], params)
+    x = model.hidden(jnp.asarray(tokens), token_types=jnp.asarray(types),
+                     lengths=jnp.asarray(lengths, jnp.int32))
+    return (np.asarray(model.logits(x)),
+            np.asarray(model.nsp_logits(x)) if run.model.nsp_head else None), run
+
+
+def assert_bert_close(ours, theirs, tol=1e-4):
+    np.testing.assert_allclose(ours[0], theirs[0], atol=tol, rtol=tol)
+    assert (ours[1] is None) == (theirs[1] is None)
+    if theirs[1] is not None:
+        np.testing.assert_allclose(ours[1], theirs[1], atol=tol, rtol=tol)
+    return float(np.abs(ours[0] - theirs[0]).max())
+
+
+@pytest.mark.parametrize("kind, lowercase", [("mlm", False), ("pretraining", True)],
+                         ids=["BertForMaskedLM-cased", "BertForPreTraining-uncased"])
+def test_bert_logits_match_transformers_and_go_back_out(tmp_path, kind, lowercase):
+    model, tok = save_bert(tmp_path, kind, lowercase)
+    info = from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    assert info["style"] == "bert" and info["tokenizer"]
+    theirs = hf_bert_outputs(model)
+    ours, run = lm_bert_outputs(tmp_path / "lm")
+    assert run.model.nsp_head == (kind == "pretraining")
+    assert run.task.name == ("mlm_nsp" if kind == "pretraining" else "mlm")
+    assert (run.model.type_vocab_size, run.model.norm_eps, run.model.max_len) == (3, 1e-12, 40)
+    assert_bert_close(ours, theirs)
+
+    # Back out: transformers loads it (tied decoder, v5 layout) with the same outputs.
+    to_hf(str(tmp_path / "lm"), str(tmp_path / "back"))
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["architectures"] == [type(model).__name__]
+    back = (transformers.BertForPreTraining if kind == "pretraining"
+            else transformers.AutoModelForMaskedLM).from_pretrained(
+        tmp_path / "back", attn_implementation="eager").eval()
+    assert type(back) is type(model)
+    assert_bert_close(hf_bert_outputs(back), theirs)
+
+    # The tokenizer went in and comes back out: the same ids, pairs and token types included.
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    for a, b in [("The Cat sat on the mats.", None), ("the dog ran", "The Dog [MASK] ,")]:
+        assert auto(a, b).input_ids == tok(a, b).input_ids
+        assert auto(a, b).token_type_ids == tok(a, b).token_type_ids
+    assert auto.mask_token_id == tok.mask_token_id == 4 and auto.pad_token_id == 0
+    from lm.data.tokenizer import from_workdir
+    ours_tok = from_workdir(str(tmp_path / "lm"))
+    assert ours_tok.encode_prompt("The Cat sat").tolist() == tok("The Cat sat").input_ids
+    assert (ours_tok.pad_id, ours_tok.eod_id) == (0, 3)
+
+
+def test_an_old_style_bert_file_converts_and_a_mismatched_tied_decoder_is_an_error(tmp_path):
+    """Files of older transformers / TF ports: LayerNorm.gamma / .beta, the position_ids buffer,
+    the tied decoder stored (equal to the embedding: fine; different: lm cannot tie it)."""
+    from safetensors.numpy import load_file, save_file
+    model, _ = save_bert(tmp_path, "mlm")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                    "LayerNorm.beta"): v
+           for k, v in tensors.items()}
+    old["cls.predictions.decoder.weight"] = tensors["bert.embeddings.word_embeddings.weight"]
+    old["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"]
+    old["bert.embeddings.position_ids"] = np.arange(40)[None]
+    save_file(old, path, metadata={"format": "pt"})
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    assert_bert_close(lm_bert_outputs(tmp_path / "lm")[0], hf_bert_outputs(model))
+
+    old["cls.predictions.decoder.weight"] = old["cls.predictions.decoder.weight"] + 0.5
+    save_file(old, path, metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="cls.predictions.decoder.weight differs from "
+                                          "bert.embeddings.word_embeddings.weight"):
+        from_hf(str(tmp_path / "hf"), str(tmp_path / "lm2"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"hidden_act": "gelu_new"}, "hidden_act='gelu_new' is not supported .*hidden_act='gelu'"),
+    ({"is_decoder": True}, "is_decoder=True is not supported"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings"),
+    ({"architectures": ["BertModel"]}, "BertModel has no masked-LM head"),
+    ({"intermediate_size": 64}, "intermediate.dense.weight has shape"),
+])
+def test_an_unsupported_bert_config_is_a_clear_error(tmp_path, edit, message):
+    hf_bert().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | edit))
+    with pytest.raises(ConfigError, match=message):
+        from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))

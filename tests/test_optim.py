@@ -311,7 +311,7 @@ def test_microbatches_give_the_same_loss_and_gradients():
             for _ in range(2):
                 state, m = trainer.train_step(state, b)
                 losses.append(float(m["loss"]))
-            eval_loss = float(trainer.eval_step(state.params, b))
+            eval_loss = float(trainer.eval_step(state.params, b, 0)["loss"])
         results[k] = losses, float(m["grad_norm"]), jax.device_get(state.params), eval_loss
     np.testing.assert_allclose(results[4][0], results[1][0], rtol=1e-6)
     np.testing.assert_allclose(results[4][1], results[1][1], rtol=1e-5)

@@ -177,11 +177,12 @@ def test_a_mesh_axis_that_does_not_divide_is_a_clear_error():
         train.build(run, mesh)
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "bert"])
 def test_a_tensor_parallel_layer_compiles_to_megatrons_collectives(style):
     """One attention + MLP block under `tp` on (data 2, tensor 4): forward and backward may use
     at most the 4 all-reduces of Megatron's Figure 4 (XLA merges some) and no gathers of weights
-    or other collectives; more would mean a misplaced sharding."""
+    or other collectives; more would mean a misplaced sharding. BERT's post-norm encoder block
+    (with padding lengths) is held to the same bound as the decoders'."""
     import re
 
     from lm.model import Block, rope_tables
@@ -201,7 +202,8 @@ def test_a_tensor_parallel_layer_compiles_to_megatrons_collectives(style):
         with nnx.logical_axis_rules(lay.acts):
             rope_bt = (rope_tables(jnp.broadcast_to(jnp.arange(16), (8, 16)), cfg.head_dim,
                                    cfg.rope_theta) if style == "llama" else None)
-            return jnp.sum(nnx.merge(graphdef, params)(x_btd, rope_bt) ** 2)
+            lengths = jnp.full((8,), 11) if style == "bert" else None
+            return jnp.sum(nnx.merge(graphdef, params)(x_btd, rope_bt, lengths_b=lengths) ** 2)
 
     with jax.set_mesh(mesh):
         hlo = jax.jit(jax.value_and_grad(loss)).lower(abstract, x).compile().as_text()

@@ -1,12 +1,13 @@
-"""`python -m lm.data.prepare --input PATH_OR_GLOB... --out DIR [--tokenizer FILE | --vocab-size N]
-[--workers N] [--val-fraction F] [--text-field NAME] [--plain-text-docs MODE] [--max-line-bytes N]`
+"""`python -m lm.data.prepare --input PATH_OR_GLOB... --out DIR [--tokenizer FILE | --vocab-size N |
+--wordpiece-vocab-size N] [--workers N] [--val-fraction F] [--text-field NAME]
+[--plain-text-docs MODE] [--max-line-bytes N]`
 
 Turns text into token shards that the loader memory-maps:
 
     DIR/manifest.json         shards, token and document counts, dtype, tokenizer, checksums,
                               bad-input counts, skipped files, the inputs and options (their
                               fingerprint)
-    DIR/tokenizer.json        the BPE tokenizer (absent for the byte tokenizer)
+    DIR/tokenizer.json        the BPE or WordPiece tokenizer (absent for the byte tokenizer)
     DIR/{train,val}-NNNNN.bin flat little-endian uint16 (vocab <= 65,536) or uint32 token ids;
                               every document is followed by the end-of-document id
 
@@ -17,7 +18,9 @@ one per blank-line-separated paragraph (`--plain-text-docs`; the default `auto` 
 of a single plain text file, which would otherwise have no validation split). Files that look
 binary (a NUL byte, or more than 1% of 64 KiB invalid UTF-8, in their first 64 KiB) are skipped.
 The work is cut into units of whole lines (whole paragraphs when splitting; ~1-64 MB of raw
-text, from the corpus size alone) that worker processes tokenize in parallel; unit i writes
+text, from the corpus size alone) that worker processes tokenize in parallel (with a given
+tokenizer, or one trained first on a sample of the train split: byte-level BPE for
+`--vocab-size`, BERT WordPiece for `--wordpiece-vocab-size`, whose eod is [SEP]); unit i writes
 shard i, so the output does not depend on the number of workers. Documents go to the validation
 split by a hash of (file, byte offset), so the split is stable across runs and machines; when
 that hash leaves a corpus of two or more documents with an empty split, its first document is
@@ -66,6 +69,7 @@ PLAIN_TEXT_DOCS = ("auto", "file", "paragraphs")
 _JSONL = (".jsonl", ".ndjson")
 _MB = 1 << 20
 DEFAULT_MAX_LINE_BYTES = 8 * _MB
+_DEFAULT_SAMPLE_BYTES = 1 << 30  # of the train split, to train a tokenizer on
 CHECK_BLOCK = _MB  # shards carry a crc32 per block of this many bytes (see lm.data.dataset)
 _SKIP_DIRS = {"__pycache__", "node_modules"}  # besides hidden (dot) directories
 _SNIFF_BYTES = 64 << 10  # the prefix of each input that decides whether it looks binary
@@ -591,14 +595,24 @@ def _write_json(path: str, obj) -> None:
 
 
 def prepare(inputs: list[str], out: str, *, tokenizer: str | None = None,
-            vocab_size: int | None = None, workers: int | None = None,
+            vocab_size: int | None = None, wordpiece_vocab_size: int | None = None,
+            workers: int | None = None,
             val_fraction: float = 0.01, text_field: str = "text", unit_bytes: int | None = None,
-            tokenizer_sample_bytes: int = 1 << 30, plain_text_docs: str = "auto",
+            tokenizer_sample_bytes: int = _DEFAULT_SAMPLE_BYTES, plain_text_docs: str = "auto",
             max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, progress: bool = True,
             log=sys.stderr) -> dict:
     """Prepares `inputs` into `out`; returns the manifest. See the module docstring."""
-    if tokenizer is not None and vocab_size is not None:
-        raise PrepareError("give --tokenizer or --vocab-size, not both")
+    given = [flag for flag, value in (("--tokenizer", tokenizer), ("--vocab-size", vocab_size),
+                                      ("--wordpiece-vocab-size", wordpiece_vocab_size))
+             if value is not None]
+    if len(given) > 1:
+        raise PrepareError(f"give one of --tokenizer, --vocab-size (byte-level BPE) or "
+                           f"--wordpiece-vocab-size (WordPiece), not {' and '.join(given)}")
+    least = tokenizers.MIN_WORDPIECE_VOCAB
+    if wordpiece_vocab_size is not None and wordpiece_vocab_size < least:
+        raise PrepareError(f"--wordpiece-vocab-size {wordpiece_vocab_size} is too small: it must "
+                           f"be at least {least} (5 special tokens and an alphabet); BERT uses "
+                           "30,522")
     if not 0 <= val_fraction < 1:
         raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if plain_text_docs not in PLAIN_TEXT_DOCS:
@@ -621,6 +635,10 @@ def prepare(inputs: list[str], out: str, *, tokenizer: str | None = None,
 
     if vocab_size is not None:
         tok_option: dict = {"train_vocab_size": vocab_size}
+    elif wordpiece_vocab_size is not None:
+        tok_option = {"train_wordpiece_vocab_size": wordpiece_vocab_size}
+        if tokenizer_sample_bytes != _DEFAULT_SAMPLE_BYTES:  # another sample, another vocabulary
+            tok_option["sample_bytes"] = tokenizer_sample_bytes
     elif tokenizer in (None, "bytes"):
         tok_option = {"kind": "bytes"}
     else:
@@ -650,8 +668,8 @@ def prepare(inputs: list[str], out: str, *, tokenizer: str | None = None,
 
         reading = ReadOptions(text_field, val_fraction, max_line_bytes)
         reading = dataclasses.replace(reading, forced=_forced_split(units, reading))
-        tok = _resolve_tokenizer(out, tokenizer, vocab_size, units, reading,
-                                 tokenizer_sample_bytes, log)
+        tok = _resolve_tokenizer(out, tokenizer, vocab_size, wordpiece_vocab_size, units,
+                                 reading, tokenizer_sample_bytes, log)
         spec = tok.save(out)
         dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
         results = {r["index"]: r for r in done}
@@ -825,15 +843,16 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _resolve_tokenizer(out, tokenizer, vocab_size, units, options, sample_bytes, log
-                       ) -> tokenizers.Tokenizer:
-    if vocab_size is None:
+def _resolve_tokenizer(out, tokenizer, vocab_size, wordpiece_vocab_size, units, options,
+                       sample_bytes, log) -> tokenizers.Tokenizer:
+    if vocab_size is None and wordpiece_vocab_size is None:
         return tokenizers.load(tokenizer or "bytes")
     saved = os.path.join(out, tokenizers.BPE_FILE)
     if os.path.exists(saved):  # resuming: the tokenizer trained by the first attempt
         return tokenizers.BPETokenizer.from_file(saved)
-    print(f"lm.data.prepare: training a {vocab_size:,}-token byte-level BPE on up to "
-          f"{sample_bytes / _MB:,.0f} MB of the train split", file=log)
+    kind = "byte-level BPE" if vocab_size is not None else "WordPiece"
+    print(f"lm.data.prepare: training a {vocab_size or wordpiece_vocab_size:,}-token {kind} on "
+          f"up to {sample_bytes / _MB:,.0f} MB of the train split", file=log)
 
     def texts() -> Iterator[str]:
         seen = 0
@@ -846,7 +865,9 @@ def _resolve_tokenizer(out, tokenizer, vocab_size, units, options, sample_bytes,
                         if seen >= sample_bytes:
                             return
 
-    return tokenizers.train_bpe(texts(), vocab_size)
+    if vocab_size is not None:
+        return tokenizers.train_bpe(texts(), vocab_size)
+    return tokenizers.train_wordpiece(texts(), wordpiece_vocab_size)
 
 
 def _manifest(plan: dict, spec: dict, dtype: str, results: list[dict],
@@ -917,6 +938,8 @@ def main(argv: list[str] | None = None) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--tokenizer", help="'bytes' (default) or a Hugging Face tokenizer.json")
     group.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size")
+    group.add_argument("--wordpiece-vocab-size", type=int,
+                       help="train a BERT WordPiece vocabulary of this size (cased)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--val-fraction", type=float, default=0.01,
                         help="share of documents held out for validation (default 0.01)")
@@ -930,12 +953,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unit-mb", type=float, default=None,
                         help="raw text per shard (default: corpus / 256, within 1-64 MB)")
     parser.add_argument("--tokenizer-sample-mb", type=float, default=1024,
-                        help="text used to train the BPE (default 1024)")
+                        help="text used to train the BPE or WordPiece (default 1024)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         prepare(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                workers=args.workers, val_fraction=args.val_fraction, text_field=args.text_field,
+                wordpiece_vocab_size=args.wordpiece_vocab_size, workers=args.workers,
+                val_fraction=args.val_fraction, text_field=args.text_field,
                 unit_bytes=int(args.unit_mb * _MB) if args.unit_mb else None,
                 tokenizer_sample_bytes=int(args.tokenizer_sample_mb * _MB),
                 plain_text_docs=args.plain_text_docs, max_line_bytes=args.max_line_bytes,
