@@ -253,6 +253,10 @@ class Engine:
     def __init__(self, graphdef, params, tokenizer=None, *, mesh=None, cache_dtype=None):
         self.graphdef, self.params, self.tokenizer, self.mesh = graphdef, params, tokenizer, mesh
         model = nnx.merge(graphdef, params)
+        if not model.cfg.causal:
+            raise ConfigError(f"a model.style {model.cfg.style!r} checkpoint is an encoder: it "
+                              "does not generate text (`python -m lm.predict` fills its masked "
+                              "tokens)")
         self.cfg, self.max_len = model.cfg, model.cfg.max_len
         self.cache_dtype = cache_dtype or model.precision.compute_dtype  # or "int8"
         self.row_multiple = 1 if mesh is None else sharding.devices_along(

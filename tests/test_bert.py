@@ -215,6 +215,22 @@ def test_bert_in_microbatches_and_pipelines_trains_the_same_model(case, one_devi
 
 def test_an_encoder_refuses_to_generate():
     from lm.config import ConfigError
+    from lm.generate import Engine
     m = model()
     with pytest.raises(ConfigError, match="lm.predict"):
         m.decode(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), None)
+    with pytest.raises(ConfigError, match="encoder"):
+        Engine(*nnx.split(m))
+
+
+@pytest.mark.parametrize("precision", [
+    {"precision.param_dtype": "bfloat16", "precision.compute_dtype": "bfloat16",
+     "optim.name": "lamb"},
+    {"precision.param_dtype": "float16", "precision.compute_dtype": "float16",
+     "precision.master_weights": True, "optim.name": "nvlamb", "optim.lr": 1e-2}])
+def test_bert_trains_in_half_precision_with_the_lamb_family(precision):
+    run = small_run(**BERT, **{"train.steps": 4, "optim.warmup_steps": 1, **precision})
+    losses, _, evals = steps(run, sharding.make_mesh(MeshConfig(data=2), devices=jax.devices()[:2]),
+                             bert_batch(), n=4)
+    assert np.isfinite(losses).all() and losses[-1, 0] < losses[0, 0], losses
+    assert np.isfinite(list(evals.values())).all()

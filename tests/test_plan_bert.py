@@ -22,6 +22,15 @@ XLA_CASES = {
 }
 
 
+# At this shape the decoders' tp and microbatches presets are within 5% of XLA (0.95, 0.94) but
+# BERT's are not (0.82 both): under tp a gap that grows with the batch (~4 [b, s, d] arrays per
+# layer that layer_arrays does not count), with microbatches a fixed ~230 KB (parameter-sized).
+KNOWN_GAPS = {
+    "tp": {"mesh.data": 2, "mesh.tensor": 4, "mesh.rules": "tp"},
+    "microbatches": {"mesh.data": 8, "mesh.rules": "zero2", "train.microbatches": 2},
+}
+
+
 def bert_run(**flat):
     return small_run(**{**BERT, **flat})
 
@@ -29,6 +38,16 @@ def bert_run(**flat):
 @pytest.mark.parametrize("case", list(XLA_CASES))
 def test_bert_estimate_is_within_15_percent_of_xla(case):
     run = bert_run(**XLA_CASES[case])
+    estimate = plan.plan(run, devices=8)["total_bytes"]
+    compiled = plan.compiled_memory(run)["total_bytes"]
+    assert estimate == pytest.approx(compiled, rel=0.15), (estimate, compiled)
+
+
+@pytest.mark.xfail(strict=True, reason="lm.plan under-counts BERT here (see KNOWN_GAPS); "
+                   "drop the mark when it is fixed")
+@pytest.mark.parametrize("case", list(KNOWN_GAPS))
+def test_bert_known_gaps_to_xla(case):
+    run = bert_run(**KNOWN_GAPS[case])
     estimate = plan.plan(run, devices=8)["total_bytes"]
     compiled = plan.compiled_memory(run)["total_bytes"]
     assert estimate == pytest.approx(compiled, rel=0.15), (estimate, compiled)
