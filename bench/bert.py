@@ -289,8 +289,8 @@ def main():
           f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}", flush=True)
 
     rows = [ours(run, a.steps, n_dev)]
-    print(f"  lm done: {rows[0]['sequences_per_s']:.2f} seq/s, compile {rows[0]['compile_s']:.1f} s",
-          flush=True)
+    print(f"  lm done: {rows[0]['sequences_per_s']:.2f} seq/s, compile "
+          f"{rows[0]['compile_s']:.1f} s", flush=True)
     if a.peer:
         for head in a.peer_head.split(","):
             r = peer(a, "cuda" if gpu else "cpu", dtype, run.task.max_predictions, head)
@@ -325,8 +325,9 @@ def main():
         nvidia["lm_sequences_per_s_per_device"] = per_dev
         nvidia["lm_vs_nvidia_per_device"] = per_dev / nvidia["sequences_per_s"]
         nvidia["lm_mfu_vs_nvidia_mfu"] = rows[0]["mfu"] / nvidia["mfu"]
-        line += (f"; lm here {per_dev:.0f} seq/s per device = {nvidia['lm_vs_nvidia_per_device']:.2f}x"
-                 f" theirs ({nvidia['lm_mfu_vs_nvidia_mfu']:.2f}x their MFU)")
+        line += (f"; lm here {per_dev:.0f} seq/s per device = "
+                 f"{nvidia['lm_vs_nvidia_per_device']:.2f}x theirs "
+                 f"({nvidia['lm_mfu_vs_nvidia_mfu']:.2f}x their MFU)")
     print(line)
     big = large_phase1_plan()
     print(f"lm.plan, BERT-large phase 1 on 8 GPUs (data=8, batch {big['batch_size']} in "

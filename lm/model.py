@@ -7,9 +7,10 @@
                    (erf) GELU, and the masked-LM head (dense, GELU, LayerNorm, the tied decoder
                    with its own bias), plus the pooler and next-sentence head (model.nsp_head)
 
-The decoders are pre-norm residual stacks, BERT post-norm (`ModelConfig.post_norm`). The layers are one `Block` whose parameters are stacked along
-a leading `layers` axis (built with `nnx.vmap`) and applied with `lax.scan` (unrolled when
-`scan_layers` is False: faster steps for shallow models, longer compiles for deep ones).
+The decoders are pre-norm residual stacks, BERT post-norm (`ModelConfig.post_norm`). The layers
+are one `Block` whose parameters are stacked along a leading `layers` axis (built with
+`nnx.vmap`) and applied with `lax.scan` (unrolled when `scan_layers` is False: faster steps for
+shallow models, longer compiles for deep ones).
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `layers`, ...) and the residual stream is constrained to (`batch`, `length`, `embed`); the
@@ -518,7 +519,6 @@ class Transformer(nnx.Module):
         `token_types` (segment ids; None: all 0) and, for right-padded rows, the `lengths`
         (None: no padding)."""
         cfg = self.cfg
-        dt = jnp.dtype(self.precision.compute_dtype)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         elif pipeline is not None:

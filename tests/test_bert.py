@@ -229,8 +229,11 @@ def test_an_encoder_refuses_to_generate():
     {"precision.param_dtype": "float16", "precision.compute_dtype": "float16",
      "precision.master_weights": True, "optim.name": "nvlamb", "optim.lr": 1e-2}])
 def test_bert_trains_in_half_precision_with_the_lamb_family(precision):
-    run = small_run(**BERT, **{"train.steps": 4, "optim.warmup_steps": 1, **precision})
-    losses, _, evals = steps(run, sharding.make_mesh(MeshConfig(data=2), devices=jax.devices()[:2]),
-                             bert_batch(), n=4)
-    assert np.isfinite(losses).all() and losses[-1, 0] < losses[0, 0], losses
-    assert np.isfinite(list(evals.values())).all()
+    """The same steps as in float32 (same optimizer, same masks), within half precision."""
+    mesh = sharding.make_mesh(MeshConfig(data=2), devices=jax.devices()[:2])
+    flat = {"train.steps": 4, "optim.warmup_steps": 1, "optim.lr": 1e-2, **precision}
+    losses, _, evals = steps(small_run(**BERT, **flat), mesh, bert_batch(), n=4)
+    full = {k: v for k, v in flat.items() if not k.startswith("precision")}
+    want, _, want_evals = steps(small_run(**BERT, **full), mesh, bert_batch(), n=4)
+    np.testing.assert_allclose(losses, want, rtol=2e-2)
+    np.testing.assert_allclose(list(evals.values()), list(want_evals.values()), rtol=5e-2)
