@@ -90,7 +90,7 @@ def test_tiny_bert_learns_to_fill_masked_tokens(tmp_path, data):
     workdir = tmp_path / "learn"
     proc = lm_train(workdir, f"--config.data.path={data}", "--config.train.steps=150",
                     "--config.train.eval_every=150", "--config.train.log_every=10",
-                    "--config.optim.warmup_steps=15")
+                    "--config.optim.warmup_steps=15", devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = records(workdir)
     first, last = (r["loss"] for r in (recs[0], [r for r in recs if "loss" in r][-1]))
