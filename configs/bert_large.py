@@ -32,7 +32,7 @@ def bert(size: str, arg):
                    schedule="poly", poly_power=0.5)
     c.train.update(eval_every=500, log_every=10, sample_tokens=0)
     c.checkpoint.update(every=200, keep=3)
-    if arg == "phase1":
+    if arg in (None, "phase1"):  # phase 1 is the default
         c.train.update(steps=PHASE1_STEPS, batch_size=65536, microbatches=128, seq_len=128)
         c.task.max_predictions = 20
         c.optim.update(lr=6e-3, warmup_steps=round(0.2843 * PHASE1_STEPS))

@@ -343,3 +343,19 @@ def test_every_remat_policy_gives_the_same_gradients(style, scan):
     # unrolled, XLA's peak at this size sits elsewhere; bench/memory.py measures gpt2_small).
     if scan:
         assert temp["none"] > temp["dots"] > max(temp["minimal"], temp["full"]), temp
+
+
+def test_poly_schedule_is_nvidias_and_a_phase_starts_it_over():
+    """NVIDIA's PolyWarmUpScheduler (BERT): p = k / total, lr p / w in the warmup, then
+    lr (1 - p)^0.5, not renormalized after the warmup; phase 2 (train.phase_start) counts its
+    own warmup and decay from its first step."""
+    lr = schedule(OptimConfig(lr=6e-3, warmup_steps=2001, schedule="poly"), 7038)
+    for k in (1, 1000, 2000, 2001, 2002, 5000, 7037):
+        p, w = k / 7038, 2001 / 7038
+        want = 6e-3 * p / w if p < w else 6e-3 * (1 - p) ** 0.5
+        assert float(lr(k)) == pytest.approx(want, rel=1e-4), k  # float32
+    phase2 = schedule(OptimConfig(lr=4e-3, warmup_steps=200, schedule="poly"), 8601, start=7038)
+    assert float(phase2(7038)) == 0.0
+    assert float(phase2(7138)) == pytest.approx(2e-3, rel=1e-5)
+    assert float(phase2(8038)) == pytest.approx(4e-3 * (1 - 1000 / 1563) ** 0.5, rel=1e-5)
+    assert float(phase2(8601)) == 0.0
