@@ -233,7 +233,8 @@ def _sync(name: str) -> None:
 
 # Keys that must be equal to resume: the model, how its parameters and optimizer state are stored.
 RESUME_KEYS = (("precision", "param_dtype"), ("precision", "compute_dtype"),
-               ("precision", "master_weights"), ("optim", "name"), ("task", "name"))
+               ("precision", "master_weights"), ("optim", "name"), ("task", "name"),
+               ("task", "labels"))
 
 
 def _config_diff(saved: dict, now: dict) -> list[str]:
@@ -273,11 +274,13 @@ def _tree_diff(step_dir: str, expected: Any, partial: bool = False) -> list[str]
     return problems
 
 
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """path ("params/embed/value") -> shape, for every array leaf of a state or its metadata."""
-    def name(k):
-        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-    return {"/".join(map(name, path)): tuple(leaf.shape)
+    return {"/".join(map(_key_name, path)): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
             if hasattr(leaf, "shape")}
 
@@ -315,14 +318,16 @@ def step_dirs(path: str) -> tuple[list[str], bool]:
 
 
 def load_params(path: str, abstract_for: Callable[[RunConfig | None], Any],
-                log: Callable[[str], None] | None = None
+                log: Callable[[str], None] | None = None, heads: bool = False
                 ) -> tuple[RunConfig | None, str, int, Any]:
     """(run config, workdir, step, parameters) of the newest readable step PATH names, for
     evaluation, generation, serving, export, conversion and train.init_from; nothing is renamed
     (a reader must not change a workdir). `abstract_for(run config or None)`: the parameters'
     abstract tree (shapes, dtypes, shardings) to restore into. A damaged step is reported
     through `log` (stderr by default) and skipped, unless PATH names that one step; a
-    checkpoint of another shape, or a transient failure, is a ConfigError."""
+    checkpoint of another shape, or a transient failure, is a ConfigError. `heads` (fine-tuning
+    from a checkpoint with other heads): only the entries stored with the same shapes are
+    restored, as nested dicts for `merge_params`, and the others are reported through `log`."""
     log = log or (lambda message: print(f"lm.checkpoint: {message}", file=sys.stderr))
     dirs, explicit = step_dirs(path)
     for step_dir in dirs:
@@ -333,6 +338,17 @@ def load_params(path: str, abstract_for: Callable[[RunConfig | None], Any],
                 saved = _read_config(os.path.join(workdir, "config.json"))
             run = None if saved is None else from_config_dict(ml_collections.ConfigDict(saved))
             abstract = abstract_for(run)
+            if heads:
+                common, new, dropped = _common_params(step_dir, abstract)
+                if new or dropped:
+                    log(f"{step_dir}: initialised {len(new)} entries it does not hold "
+                        f"({', '.join(new[:6])}); not used: {len(dropped)} of its entries "
+                        f"({', '.join(dropped[:6])})")
+                if not common:
+                    raise ConfigError(f"the checkpoint {step_dir} holds none of this model's "
+                                      "parameters with the same shape")
+                return run, workdir, int(os.path.basename(step_dir)), _restore_params(
+                    step_dir, common)
             problems = _tree_diff(step_dir, {"params": abstract}, partial=True)
             if problems:
                 raise ConfigError(f"the checkpoint {step_dir} does not fit: " +
@@ -349,6 +365,57 @@ def load_params(path: str, abstract_for: Callable[[RunConfig | None], Any],
             log(f"checkpoint {step_dir} is damaged and was not used ({_why(e)}); trying the "
                 "one before (nothing renamed)")
     raise ConfigError(f"no checkpoint in {path} could be read: every step is damaged")
+
+
+def checkpoint_config(path: str) -> tuple[dict | None, str]:
+    """(the run config saved with the newest step PATH names, or WORKDIR/config.json's, or
+    None; the workdir), without reading any array."""
+    dirs, _ = step_dirs(path)
+    for step_dir in dirs:
+        workdir = os.path.dirname(os.path.dirname(step_dir))
+        try:
+            saved = saved_config(step_dir)
+        except (OSError, ValueError):
+            continue
+        if saved is None and os.path.exists(os.path.join(workdir, "config.json")):
+            saved = _read_config(os.path.join(workdir, "config.json"))
+        return saved, workdir
+    return None, os.path.abspath(path)
+
+
+def _common_params(step_dir: str, abstract: Any) -> tuple[dict, list[str], list[str]]:
+    """(the part of `abstract` (an nnx.State of shapes) that STEP stores with the same shapes, as
+    nested dicts; the entries it lacks; the stored entries `abstract` lacks)."""
+    stored = {k.removeprefix("params/"): v for k, v in _shapes(
+        ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")).items()
+        if k.startswith("params/")}
+    common: dict = {}
+    new = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        names = [_key_name(k) for k in path]
+        if stored.get("/".join(names)) != tuple(leaf.shape):
+            new.append("/".join(names))
+            continue
+        node = common
+        for n in names[:-1]:
+            node = node.setdefault(n, {})
+        node[names[-1]] = leaf
+    wanted = {"/".join(_key_name(k) for k in p)
+              for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    return common, new, sorted(set(stored) - wanted)
+
+
+def merge_params(params: Any, restored: dict) -> Any:
+    """`params` (an nnx.State) with the leaves `restored` (nested dicts, `_common_params`'
+    layout) holds replaced."""
+    def pick(path, leaf):
+        node = restored
+        for k in path:
+            node = node.get(_key_name(k)) if isinstance(node, dict) else None
+            if node is None:
+                return leaf
+        return node
+    return jax.tree_util.tree_map_with_path(pick, params)
 
 
 def _restore_params(step_dir: str, abstract_params: Any) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 from typing import Any
@@ -22,7 +23,9 @@ from typing import Any
 import ml_collections
 
 STYLES = ("gpt2", "llama", "bert")
-TASKS = ("lm", "mlm", "mlm_nsp")
+TASKS = ("lm", "mlm", "mlm_nsp", "classify", "span")
+MASKED_TASKS = ("mlm", "mlm_nsp")
+FINETUNE_TASKS = ("classify", "span")  # labelled data (lm/finetune.py), any style
 OPTIMIZERS = ("adamw", "lamb", "lars", "nvlamb", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt", "poly")
 REMAT = ("none", "full", "dots", "minimal")
@@ -257,15 +260,21 @@ class DataConfig:
     shuffle: bool = key(True, "a seeded permutation of the sequences each epoch")
     prefetch: int = key(2, "batches built ahead by a background thread; 0 = none", ge=0)
     tokenizer: str = key("bytes", "embedded corpus: 'bytes' or 'wordpiece:N' (a WordPiece "
-                         "vocabulary of N entries trained on it, with BERT's special tokens)")
+                         "vocabulary of N entries trained on it, with BERT's special tokens); "
+                         "fine-tuning without train.init_from: 'bytes' or a tokenizer.json path")
+    eval_path: str = key("", "fine-tuning (task classify / span): the labelled JSONL file "
+                         "evaluated every train.eval_every steps (data.path: the training one)")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """What a run trains (`lm/tasks.py`): next-token prediction or BERT's masked-LM objectives."""
+    """What a run trains (`lm/tasks.py`, `lm/finetune.py`): next-token prediction, BERT's
+    masked-LM objectives, or a fine-tuning head on labelled data."""
     name: str = key("lm", "'lm' (causal next-token, the decoders), 'mlm' (masked-LM on packed "
-                    "windows) or 'mlm_nsp' (masked-LM + next-sentence prediction on sentence "
-                    "pairs; needs model.nsp_head)", TASKS)
+                    "windows), 'mlm_nsp' (masked-LM + next-sentence prediction on sentence "
+                    "pairs; needs model.nsp_head), 'classify' (sequence / pair classification) "
+                    "or 'span' (SQuAD-style extractive QA); the last two on JSONL rows "
+                    "(docs/finetuning.md), any model.style", TASKS)
     mask_prob: float = key(0.15, "mlm: share of each sequence's tokens chosen for prediction "
                            "(80% become [MASK], 10% a random token, 10% stay)", gt=0, lt=1)
     max_predictions: int = key(0, "mlm: at most this many predicted tokens per sequence (NVIDIA: "
@@ -275,9 +284,27 @@ class TaskConfig:
     nsp_random_prob: float = key(0.5, "mlm_nsp: share of pairs whose second segment is a random "
                                  "one (label 1)", ge=0, le=1)
 
+    num_labels: int = key(0, "classify: outputs of the head; 0 = as many as task.labels", ge=0)
+    labels: str = key("", "classify: the labels in the head's order, a JSON list of strings or "
+                      "integers; '' = the sorted distinct labels of data.path (then stored in "
+                      "the run's checkpoints)")
+    max_query_len: int = key(64, "span: the question's tokens kept", gt=0)
+    doc_stride: int = key(128, "span: tokens between the starts of consecutive windows of a "
+                          "long context (Google's BERT)", gt=0)
+    max_answer_len: int = key(30, "span: the longest answer (tokens) prediction considers", gt=0)
+
     @property
     def masked(self) -> bool:
-        return self.name != "lm"
+        return self.name in MASKED_TASKS
+
+    @property
+    def finetune(self) -> bool:
+        return self.name in FINETUNE_TASKS
+
+    @property
+    def label_list(self) -> list:
+        """task.labels parsed ([] when unset; its form is checked by `validate`)."""
+        return json.loads(self.labels) if self.labels else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,6 +451,20 @@ def steps_range(text: str) -> tuple[int, int] | None:
     return (start, stop) if 1 <= start <= stop else None
 
 
+def _check_labels(k: TaskConfig) -> None:
+    """task.labels is '' or a JSON list of distinct strings or integers that num_labels fits."""
+    try:
+        labels = k.label_list
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"'task.labels' must be a JSON list such as '[\"neg\", \"pos\"]' or "
+                          f"'[0, 1]', got {k.labels!r} ({e})") from None
+    ok = isinstance(labels, list) and len(set(map(str, labels))) == len(labels) and all(
+        isinstance(x, (str, int)) and not isinstance(x, bool) for x in labels)
+    _check(ok, "task.labels", f"must list distinct strings or integers, got {k.labels!r}")
+    _check(not labels or k.num_labels in (0, len(labels)), "task.num_labels",
+           f"({k.num_labels}) must be 0 or the number of task.labels ({len(labels)})")
+
+
 def validate(run: RunConfig) -> None:
     """The checks that relate keys to each other (types, choices and bounds are checked per
     key)."""
@@ -439,9 +480,13 @@ def validate(run: RunConfig) -> None:
         _check(m.head_dim % 2 == 0, "model.d_model",
                f"/ model.num_heads must be even for RoPE, got head_dim {m.head_dim}")
     k = run.task
-    _check((m.style == "bert") == k.masked, "task.name",
-           f"({k.name!r}) must be 'mlm' or 'mlm_nsp' for model.style 'bert' (an encoder) and "
-           f"'lm' for the decoders (model.style is {m.style!r})")
+    _check(k.finetune or (m.style == "bert") == k.masked, "task.name",
+           f"({k.name!r}) must be 'mlm', 'mlm_nsp', 'classify' or 'span' for model.style 'bert' "
+           f"(an encoder) and 'lm', 'classify' or 'span' for the decoders (model.style is "
+           f"{m.style!r})")
+    _check(not k.finetune or run.data.path, "data.path",
+           f"must name the labelled training JSONL for task.name {k.name!r}")
+    _check_labels(k)
     _check(k.name != "mlm_nsp" or m.nsp_head, "model.nsp_head",
            "must be True for task.name 'mlm_nsp' (the next-sentence head)")
     _check(k.max_predictions <= t.seq_len, "task.max_predictions",

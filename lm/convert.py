@@ -452,7 +452,7 @@ def from_hf(hf_dir: str, out_dir: str) -> dict:
     if run.model.style == "gpt2" and "wte.weight" in raw and "transformer.wte.weight" not in raw:
         raw = {f"transformer.{k}": x for k, x in raw.items()}  # the original GPT-2 uploads
     tensors = from_hf_tensors(run.model, raw)
-    _, abstract = abstract_model(run.model, run.precision)
+    _, abstract = abstract_model(run.model, run.precision, run.task)
     params = jax.tree_util.tree_map_with_path(
         lambda p, a: np.asarray(tensors[_path_of(p)], a.dtype), abstract)
     os.makedirs(out_dir, exist_ok=True)

@@ -291,14 +291,14 @@ class Engine:
             if run is None:
                 raise ConfigError(f"no config found for the checkpoint {path} (neither its "
                                   "config item nor WORKDIR/config.json)")
-            _, abstract = abstract_model(run.model, run.precision)
+            _, abstract = abstract_model(run.model, run.precision, run.task)
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = (jax.tree.map(lambda _: one, abstract) if mesh is None
                          else sharding.param_shardings(abstract, mesh, sharding.RULES))
             return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, shardings)
         run, workdir, _, params = load_params(path, abstract_for)
-        graphdef, _ = abstract_model(run.model, run.precision)
+        graphdef, _ = abstract_model(run.model, run.precision, run.task)
         params = quantize(params) if int8_weights else params
         tok = None
         with contextlib.suppress(OSError, ValueError, KeyError):

@@ -7,6 +7,11 @@
                    (erf) GELU, and the masked-LM head (dense, GELU, LayerNorm, the tied decoder
                    with its own bias), plus the pooler and next-sentence head (model.nsp_head)
 
+The heads follow the task (`task.name`): the decoders' next-token head (lm), BERT's masked-LM
+head (mlm, mlm_nsp), or a fine-tuning head in its place: `classifier` on the pooled sequence
+(classify; BERT pools with its pooler on [CLS], a decoder takes its last real token, as Hugging
+Face's *ForSequenceClassification do) or `span` start/end logits at every token (span).
+
 The decoders are pre-norm residual stacks, BERT post-norm (`ModelConfig.post_norm`). The layers
 are one `Block` whose parameters are stacked along a leading `layers` axis (built with
 `nnx.vmap`) and applied with `lax.scan` (unrolled when `scan_layers` is False: faster steps for
@@ -35,7 +40,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from lm.config import ConfigError, ModelConfig, PrecisionConfig
+from lm.config import ConfigError, ModelConfig, PrecisionConfig, TaskConfig
 from lm.pipeline import Pipeline, run as run_pipeline
 from lm.quantize import Int8Array, quantize_weight
 from lm.sharding import KV_CACHE_AXES, REPLICATED, constrain
@@ -471,9 +476,10 @@ class Transformer(nnx.Module):
     compute_dtype). Parameters are stored in `precision.param_dtype`, activations computed in
     `precision.compute_dtype`."""
 
-    def __init__(self, cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfig(), *,
-                 rngs: nnx.Rngs):
-        self.cfg, self.precision = cfg, precision
+    def __init__(self, cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfig(),
+                 task: TaskConfig | None = None, *, rngs: nnx.Rngs):
+        task = task or default_task(cfg)
+        self.cfg, self.precision, self.task = cfg, precision, task
         dtype = jnp.dtype(precision.param_dtype)
         init = jax.nn.initializers.normal(0.02)
         self.embed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype)
@@ -493,15 +499,24 @@ class Transformer(nnx.Module):
         self.blocks = make_blocks(rngs)
         if not cfg.post_norm:  # a post-norm stack ends normalized
             self.final_norm = Norm(cfg, dtype, rngs=rngs)
-        if cfg.style == "bert":  # the masked-LM head, its decoder tied to `embed`
+        if task.masked:  # the masked-LM head, its decoder tied to `embed`
             self.mlm_dense = Linear(cfg.d_model, cfg.d_model, dtype, rngs=rngs)
             self.mlm_norm = Norm(cfg, dtype, rngs=rngs)
             self.vocab_bias = _param(rngs, jax.nn.initializers.zeros, (cfg.vocab_size,),
                                      ("vocab",), dtype)
-        if cfg.nsp_head:
+        nsp = cfg.nsp_head and task.masked
+        if nsp or (cfg.style == "bert" and task.name == "classify"):
             self.pooler = Linear(cfg.d_model, cfg.d_model, dtype, rngs=rngs)
+        if nsp:
             self.nsp = Linear(cfg.d_model, 2, dtype, rngs=rngs)
-        if not cfg.tied_embeddings:
+        if task.name == "classify":
+            if not task.num_labels:
+                raise ConfigError("task.num_labels is 0: a classifier needs its labels "
+                                  "(task.labels, or lm.train reads them from data.path)")
+            self.classifier = Linear(cfg.d_model, task.num_labels, dtype, rngs=rngs)
+        if task.name == "span":
+            self.span = Linear(cfg.d_model, 2, dtype, rngs=rngs)
+        if task.name == "lm" and not cfg.tied_embeddings:
             # Stored [vocab, embed] like the input table: XLA:CPU then runs the head's backward
             # as the same GEMMs as the tied case (measured faster than [embed, vocab]).
             self.unembed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -622,7 +637,29 @@ class Transformer(nnx.Module):
 
     def nsp_logits(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B 2"]:
         """BERT's next-sentence logits (0: B follows A) from the pooled first ([CLS]) token."""
-        return self.nsp(jnp.tanh(self.pooler(x_btd[:, 0])))
+        return self.nsp(self.pooled(x_btd))
+
+    def pooled(self, x_btd: Float[Array, "B T D"], lengths_b: Int[Array, "B"] | None = None
+               ) -> Float[Array, "B D"]:
+        """One vector per sequence: BERT's pooler (dense + tanh) on [CLS] where the model has
+        one, else BERT's [CLS] state; a decoder's state at its last real token (`lengths_b`;
+        None: the last position)."""
+        if self.cfg.causal:
+            last = (jnp.full(x_btd.shape[:1], x_btd.shape[1]) if lengths_b is None
+                    else lengths_b) - 1
+            return jnp.take_along_axis(x_btd, last[:, None, None], axis=1)[:, 0]
+        cls_bd = x_btd[:, 0]
+        return jnp.tanh(self.pooler(cls_bd)) if hasattr(self, "pooler") else cls_bd
+
+    def class_logits(self, x_btd: Float[Array, "B T D"], lengths_b: Int[Array, "B"] | None = None
+                     ) -> Float[Array, "B C"]:
+        """task classify: the label logits of each sequence (float32)."""
+        return self.classifier(self.pooled(x_btd, lengths_b)).astype(jnp.float32)
+
+    def span_logits(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T 2"]:
+        """task span: the answer's start ([..., 0]) and end ([..., 1]) logits at every token
+        (float32)."""
+        return self.span(x_btd).astype(jnp.float32)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict[str, Array]:
@@ -650,10 +687,18 @@ def constrain_cache(cache):
     return jax.tree.map(lambda x: constrain(x, KV_CACHE_AXES), cache)
 
 
-def abstract_model(cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfig()):
-    """(graphdef, parameters as shapes and dtypes): the model, not allocated, unconstrained."""
+def default_task(cfg: ModelConfig) -> TaskConfig:
+    """The pretraining task of a style, where no task is given: lm, or mlm for BERT."""
+    return TaskConfig(name="mlm") if cfg.style == "bert" else TaskConfig()
+
+
+def abstract_model(cfg: ModelConfig, precision: PrecisionConfig = PrecisionConfig(),
+                   task: TaskConfig | None = None):
+    """(graphdef, parameters as shapes and dtypes): the model with `task`'s heads (default:
+    `default_task`), not allocated, unconstrained."""
     with nnx.logical_axis_rules(REPLICATED):
-        return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, precision, rngs=nnx.Rngs(0))))
+        return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, precision, task,
+                                                            rngs=nnx.Rngs(0))))
 
 
 def param_count(params) -> int:

@@ -66,7 +66,7 @@ def plan(run: RunConfig, devices: int) -> dict:
     m, t, prec = run.model, run.train, run.precision
     shape = sharding.resolve_mesh_shape(run.mesh, devices)
     lay = sharding.layout(run.mesh.rules)
-    _, abstract = abstract_model(m, prec)
+    _, abstract = abstract_model(m, prec, run.task)
     names = jax.tree.leaves(sharding.logical_names(abstract),
                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     sizes = [x.size for x in jax.tree.leaves(abstract)]
@@ -117,8 +117,9 @@ def plan(run: RunConfig, devices: int) -> dict:
         stage_kept = layer_input if m.remat == "full" else kept * chunk
         # + the micro-batch buffer
         arrays = pipe.iterations * stage_kept + pipe.microbatches + recompute * chunk
-    acts_b = arrays * array_b + logits_bytes(
-        m, b, predictions(run.task, t.seq_len) if run.task.masked else t.seq_len, shape, lay)
+    head_positions = {"lm": t.seq_len, "classify": 0, "span": 0}.get(
+        run.task.name, predictions(run.task, t.seq_len))  # vocabulary logits per sequence
+    acts_b = arrays * array_b + logits_bytes(m, b, head_positions, shape, lay)
     # The layer in flight in the backward pass: its weights gathered (zero3/fsdp) and cast,
     # its full weight gradient before the reduce-scatter, and its activations' gradients.
     work_b = layer_b + full * array_b
@@ -181,10 +182,10 @@ def model_flops(m, task, n_params: int, batch: int, s: int) -> float:
     h = m.d_model
     lookup = (m.max_len * h if m.learned_positions else 0) + (
         m.vocab_size * h if not m.tied_embeddings else 0)
-    per_token = 6 * (n_params - lookup) + 12 * m.num_layers * s * h
-    if m.style != "bert":
-        return per_token * batch * s
-    lookup += m.type_vocab_size * h
+    if m.style == "bert":
+        lookup += m.type_vocab_size * h
+    if not task.masked:  # a fine-tuning head is counted as if it ran at every token (small)
+        return (6 * (n_params - lookup) + 12 * m.num_layers * s * h) * batch * s
     head = m.vocab_size * h + h * h + m.vocab_size + h  # decoder, transform (+ biases)
     pooled = (h * h + 3 * h + 2) if m.nsp_head else 0
     body = 6 * (n_params - lookup - head - pooled) + 12 * m.num_layers * s * h
@@ -268,10 +269,12 @@ def compiled_memory(run: RunConfig, devices=None) -> dict:
 def batch_shapes(run: RunConfig):
     """The shapes of one step's batch: [B, T + 1] token ids, or a masked-LM task's dict."""
     b, t = run.train.batch_size, run.train.seq_len
-    if not run.task.masked:
+    if run.task.name == "lm":
         return (b, t + 1)
     shapes = {"tokens": (b, t), "token_types": (b, t), "lengths": (b,)}
-    return shapes | ({"nsp_labels": (b,)} if run.task.name == "mlm_nsp" else {})
+    extra = {"mlm_nsp": ("nsp_labels",), "classify": ("labels",),
+             "span": ("start_positions", "end_positions")}.get(run.task.name, ())
+    return shapes | {name: (b,) for name in extra}
 
 
 def format_plan(p: dict) -> str:

@@ -1,5 +1,6 @@
 """Masked-token filling with a BERT-style checkpoint (model.style 'bert', task mlm / mlm_nsp):
-JSON lines in, the top 5 predictions at each asked position out. lm.generate is the decoders'.
+JSON lines in, the top 5 predictions at each asked position out; and the fine-tuning heads'
+predictions (task classify / span, any style; lm.finetune). lm.generate is the decoders'.
 
     python -m lm.predict --checkpoint DIR --input IN.jsonl [--output OUT.jsonl] [--batch-size N]
 
@@ -18,6 +19,12 @@ and each output line is that object plus
 with ids the tokenizer does not have (a vocabulary padded past it) never proposed. A line that
 cannot run (invalid JSON, a missing field, an id out of range, longer than model.max_len) gets
 `{"error": "line N: ..."}` and the others still run; the exit status is 0 when any line ran.
+
+A classify checkpoint reads {"text": ..., "text_pair": ... (optional)} and adds
+    "label" (the most probable) and "probs": {label: probability, ...}
+and a span checkpoint reads {"question": ..., "context": ...} and adds
+    "answer", "start", "end" (character offsets in the context) and "score" (its probability),
+with the inputs cut and windowed as in training (train.seq_len, task.doc_stride).
 
 Rows of different lengths share a batch: right-padded to a bucket length (powers of two, at
 least 16, at most model.max_len) with their `lengths` masking the padded keys, the batch padded to
@@ -56,7 +63,7 @@ def load_checkpoint(path: str):
         if run is None:
             raise ConfigError(f"no config found for the checkpoint {path} (neither its config "
                               "item nor WORKDIR/config.json)")
-        _, abstract = abstract_model(run.model, run.precision)
+        _, abstract = abstract_model(run.model, run.precision, run.task)
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
                             abstract)
@@ -97,7 +104,7 @@ class Predictor:
         self.cfg, self.tokenizer, self.batch_size = run.model, tokenizer, batch_size
         if self.cfg.style != "bert":
             raise ConfigError(f"{NOT_AN_ENCODER} (this one is model.style {self.cfg.style!r})")
-        graphdef, _ = abstract_model(run.model, run.precision)
+        graphdef, _ = abstract_model(run.model, run.precision, run.task)
         self.params, self.mask_id = params, mask_id(tokenizer)
         # Ids past the tokenizer's vocabulary (a padded embedding) are never proposed.
         self.limit = min(self.cfg.vocab_size, tokenizer.vocab_size if tokenizer is not None
@@ -118,8 +125,12 @@ class Predictor:
         self.shapes: set[tuple[int, int, int]] = set()
 
     @classmethod
-    def from_checkpoint(cls, path: str, batch_size: int = 32) -> Predictor:
+    def from_checkpoint(cls, path: str, batch_size: int = 32):
+        """A Predictor, or for a classify / span checkpoint a HeadPredictor."""
         run, params, tok = load_checkpoint(path)
+        if run.task.finetune:
+            from lm.finetune import Encoder
+            return HeadPredictor(Encoder(run, params, tok, batch_size))
         return cls(run, params, tok, batch_size)
 
     def prepare(self, row) -> tuple[list[int], list[int], list[int]]:
@@ -217,6 +228,26 @@ class Predictor:
         return results
 
 
+class HeadPredictor:
+    """`Predictor`'s interface over a fine-tuning head (lm.finetune.Encoder)."""
+
+    def __init__(self, encoder):
+        from lm import finetune
+        self.encoder, self.shapes = encoder, encoder.shapes
+        self.span = encoder.task.name == "span"
+        self._check = finetune.check_span if self.span else finetune.check_classify
+
+    def prepare(self, row) -> dict:
+        if not isinstance(row, dict):
+            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        self._check({**row, "answers": None} if self.span else {k: v for k, v in row.items()
+                                                                 if k != "label"})
+        return row
+
+    def run(self, rows: list[dict]) -> list[dict]:
+        return (self.encoder.answer if self.span else self.encoder.classify)(rows)
+
+
 def _int_list(value, name: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool)
                                               for i in value):
@@ -224,7 +255,7 @@ def _int_list(value, name: str) -> list[int]:
     return value
 
 
-def predict_lines(predictor: Predictor, lines: Iterable[str]) -> tuple[list[dict], int, int]:
+def predict_lines(predictor, lines: Iterable[str]) -> tuple[list[dict], int, int]:
     """(output objects, rows filled, rows in error) for input lines (blank ones skipped)."""
     outputs: list[dict] = []
     ready, slots = [], []

@@ -30,8 +30,8 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import distributed, generate, hardware, plan, sharding
-from lm.checkpoint import Checkpointer, load_params
+from lm import distributed, finetune, generate, hardware, plan, sharding
+from lm.checkpoint import Checkpointer, load_params, merge_params
 from lm import tasks
 from lm.config import ConfigError, RunConfig, TaskConfig, from_config_dict
 from lm.data.corpus import prepare_stdlib
@@ -83,7 +83,8 @@ class Trainer:
     init: Any        # () -> TrainState
     init_from_params: Any  # params -> TrainState (fresh optimizer state around given parameters)
     train_step: Any  # (state, batch) -> (state, metrics)
-    eval_step: Any   # (params, batch, index) -> sums (`eval_sums`)
+    eval_step: Any   # (params, batch, index) -> sums (`eval_sums`); fine-tuning: (params,
+    #                  batch) -> the head's outputs (lm.finetune.head_outputs), replicated
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (for restoring onto this mesh)."""
@@ -99,6 +100,9 @@ def loss_fn(graphdef, params, batch, pipeline: Pipeline | None = None,
     mean is the step's mean), plus the next-sentence loss where the batch has its labels.
     metrics: `loss` (the masked-LM part) and `nsp_loss`."""
     model = nnx.merge(graphdef, params)
+    if isinstance(batch, dict) and "mlm_weights" not in batch:  # a fine-tuning head's rows
+        loss = finetune.head_loss(finetune.head_outputs(model, batch, pipeline), batch)
+        return loss, {"loss": loss}
     if isinstance(batch, dict):
         x_btd = model.hidden(batch["tokens"], pipeline=pipeline, **tasks.encoder_inputs(batch))
         mlm_sum, _ = _head_sums(model, x_btd, batch, pipeline)
@@ -155,8 +159,8 @@ def mean_loss_and_grads(parts: StepParts, params, batch, scale) -> tuple[dict, A
     parameter in fp16); microbatches are a scan that sums them into float32, sharded like the
     optimizer state under zero2/zero3."""
     k = parts.microbatches
-    norm = (jnp.maximum(batch["mlm_weights"].sum(), 1.0) / k if isinstance(batch, dict)
-            else None)  # the step's predicted tokens, per microbatch
+    norm = (jnp.maximum(batch["mlm_weights"].sum(), 1.0) / k if "mlm_weights" in batch
+            else None) if isinstance(batch, dict) else None  # predicted tokens per microbatch
 
     def scaled_loss(p, b):
         objective, metrics = loss_fn(parts.graphdef, p, b, parts.pipeline, norm)
@@ -245,6 +249,12 @@ def eval_step(parts: StepParts, params, batch, index) -> dict[str, jax.Array]:
     return out
 
 
+def head_eval_step(parts: StepParts, params, batch) -> dict[str, jax.Array]:
+    """A fine-tuning head's outputs on one eval batch (lm.finetune.evaluate scores them)."""
+    with nnx.logical_axis_rules(parts.layout.acts):
+        return finetune.head_outputs(nnx.merge(parts.graphdef, params), batch, parts.pipeline)
+
+
 def _eval_sums(parts: StepParts, params, batch) -> dict[str, jax.Array]:
     if not isinstance(batch, dict):
         return {"loss": loss_fn(parts.graphdef, params, batch, parts.pipeline)[0]}
@@ -266,7 +276,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh, masking: Masking | None = Non
     scaler = LossScale(run.precision, run.precision.dynamic)
     lay = sharding.layout(run.mesh.rules)
     with jax.set_mesh(mesh):
-        graphdef, abs_params = abstract_model(run.model, run.precision)
+        graphdef, abs_params = abstract_model(run.model, run.precision, run.task)
     opt_param_sharding = sharding.param_shardings(abs_params, mesh, lay.opt)
     state_sharding = _state_shardings(run, mesh, lay, tx, scaler, abs_params,
                                       opt_param_sharding)
@@ -282,7 +292,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh, masking: Masking | None = Non
         masking=(masking or Masking(run.model.vocab_size)) if run.task.masked else None)
     fresh = functools.partial(new_state, tx=tx, scaler=scaler,
                               master_weights=run.precision.master_weights)
-    make_params = lambda: nnx.state(Transformer(run.model, run.precision,
+    make_params = lambda: nnx.state(Transformer(run.model, run.precision, run.task,
                                                 rngs=nnx.Rngs(params=run.train.seed)))
     return Trainer(
         graphdef=graphdef, state_sharding=state_sharding,
@@ -290,7 +300,8 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh, masking: Masking | None = Non
         init_from_params=jax.jit(fresh, out_shardings=state_sharding),
         train_step=jax.jit(functools.partial(train_step, parts), donate_argnums=(0,),
                            out_shardings=(state_sharding, replicated)),
-        eval_step=jax.jit(functools.partial(eval_step, parts)),
+        eval_step=(jax.jit(functools.partial(head_eval_step, parts), out_shardings=replicated)
+                   if run.task.finetune else jax.jit(functools.partial(eval_step, parts))),
     )
 
 
@@ -342,10 +353,16 @@ def train(run: RunConfig, workdir: str) -> TrainState:
     _check_batch_splits(run, mesh)
     ckpt = Checkpointer(workdir, keep=run.checkpoint.keep, keep_every=run.checkpoint.keep_every,
                         async_save=run.checkpoint.async_save)
-    dataset = open_dataset(run, workdir)
+    notes = []  # said once the tracker exists
+    if run.task.finetune:  # labelled rows; the model section may come from train.init_from
+        run, dataset = finetune.prepare(run, notes.append)
+    else:
+        dataset = open_dataset(run, workdir)
     train_data, eval_data = _loaders(run, dataset, mesh)
     _record_data(workdir, dataset)
     tracker = Tracker(workdir, run.train.steps, progress=run.train.progress)
+    for note in notes:
+        tracker.write(note)
     tracker.log_hparams(run.to_dict(), workdir)
     profiler = _Profiler(run.train.profile_window, os.path.join(workdir, "tb"))
     # build() sets mesh.rules inside its jits; leaving the block ends a trace still running.
@@ -357,13 +374,14 @@ def train(run: RunConfig, workdir: str) -> TrainState:
                       f"({train_data.num_sequences:,} sequences) from {dataset.path}" +
                       (f"; resumed from step {start}" if start else ""))
         saver = _Saver(run, ckpt, train_data, state)
-        evaluate = _evaluator(run, trainer, eval_data, tracker)
+        evaluate = (_head_evaluator(run, trainer, eval_data, dataset, tracker)
+                    if run.task.finetune else _evaluator(run, trainer, eval_data, tracker))
         state = _loop(run, trainer, state, start, train_data, tracker, saver, evaluate, stop,
                       profiler)
         train_data.close()
         ckpt.close()
     tracker.finish()
-    if not stop.name and run.train.sample_tokens and run.model.causal:
+    if not stop.name and run.train.sample_tokens and run.task.name == "lm":
         _print_sample(run, trainer, state, dataset.tokenizer, mesh)
     return state
 
@@ -584,6 +602,20 @@ def _evaluator(run: RunConfig, trainer: Trainer, eval_data: Loader, tracker: Tra
     return evaluate
 
 
+def _head_evaluator(run: RunConfig, trainer: Trainer, eval_data, data, tracker: Tracker):
+    """evaluate(step, params): a fine-tuning run's metrics on the whole of data.eval_path
+    (lm.finetune.evaluate); nothing without one."""
+    def evaluate(step: int, params) -> None:
+        if eval_data is None:
+            return
+        record = finetune.evaluate(run, trainer.eval_step, params, eval_data, data.eval)
+        tracker.log(step, record)
+        tracker.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+    if eval_data is None:
+        tracker.write("note: no data.eval_path: the run logs no evaluation")
+    return evaluate
+
+
 def eval_record(sums: dict[str, float]) -> dict[str, float]:
     """The logged evaluation metrics of `eval_step`'s summed outputs: eval_loss (per predicted
     token for masked-LM), eval_mlm_accuracy, eval_nsp_accuracy."""
@@ -621,6 +653,8 @@ def _check_batch_splits(run: RunConfig, mesh) -> None:
 def _loaders(run: RunConfig, dataset: Dataset, mesh) -> tuple[Loader, Loader]:
     """The train loader (shuffled, prefetching, resumable) and the validation loader."""
     t = run.train
+    if run.task.finetune:
+        return finetune.loaders(run, dataset, sharding.batch_sharding(mesh))
     if run.model.vocab_size < dataset.tokenizer.vocab_size:
         raise ConfigError(f"'model.vocab_size' ({run.model.vocab_size}) is smaller than the "
                           f"vocabulary of the tokenizer of {dataset.path} "
@@ -705,7 +739,11 @@ def _initial_state(run: RunConfig, trainer: Trainer, ckpt: Checkpointer, train_d
                           "holds none; run the previous phase in this workdir first")
     if run.train.init_from:
         abstract = trainer.abstract_state().params
-        _, _, step, params = load_params(run.train.init_from, lambda _: abstract, tracker.write)
+        heads = run.task.finetune  # the checkpoint's heads may differ: restore what both have
+        _, _, step, params = load_params(run.train.init_from, lambda _: abstract, tracker.write,
+                                         heads=heads)
+        if heads:
+            params = merge_params(trainer.init().params, params)
         tracker.write(f"parameters from {run.train.init_from} (step {step})")
         return 0, trainer.init_from_params(params)
     return 0, trainer.init()
