@@ -23,7 +23,6 @@ def get_config(arg=None):
                    mlp_dim=1024, vocab_size=8192, max_len=128, norm_eps=1e-12,
                    scan_layers=False)
     c.task.name = arg or "classify"
-    c.data.path = "train.jsonl"
     c.train.update(steps=300, batch_size=32, seq_len=128, eval_every=100, log_every=10,
                    sample_tokens=0)
     c.optim.update(name="adamw", lr=1e-4, b2=0.999, eps=1e-6, weight_decay=0.01,

@@ -484,8 +484,6 @@ def validate(run: RunConfig) -> None:
            f"({k.name!r}) must be 'mlm', 'mlm_nsp', 'classify' or 'span' for model.style 'bert' "
            f"(an encoder) and 'lm', 'classify' or 'span' for the decoders (model.style is "
            f"{m.style!r})")
-    _check(not k.finetune or run.data.path, "data.path",
-           f"must name the labelled training JSONL for task.name {k.name!r}")
     _check_labels(k)
     _check(k.name != "mlm_nsp" or m.nsp_head, "model.nsp_head",
            "must be True for task.name 'mlm_nsp' (the next-sentence head)")

@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints in and out: GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM and
-BertForPreTraining.
+"""Hugging Face checkpoints in and out: GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM,
+BertForPreTraining, BertForSequenceClassification and BertForQuestionAnswering.
 
     python -m lm.convert from-hf HF_DIR OUT_DIR     # safetensors (+ index json) + config.json
     python -m lm.convert to-hf CKPT_DIR HF_DIR      # a workdir, checkpoints/ or one step dir
@@ -9,10 +9,17 @@ run config) and, where HF_DIR has a `tokenizer.json` with an end-of-text token, 
 OUT_DIR then works as `--checkpoint` of lm.generate / lm.serve / lm.export (a BERT: of
 lm.predict) and as `--config.train.init_from` of lm.train. Parameters are stored float32 in
 lm's layout: the layers stacked on a leading axis (scanned), attention weights split per head
-([embed, heads, head_dim]).
+([embed, heads, head_dim]). A BertForSequenceClassification becomes a run of task.name
+classify (task.num_labels and task.labels = config.json's id2label values in id order), a
+BertForQuestionAnswering one of task.name span (fine-tuning it further names its own data).
 to-hf writes `model.safetensors` and a `config.json` that `from_pretrained` loads, plus the
 tokenizer.json where the run had a BPE tokenizer (a BERT: and a tokenizer_config.json, so that
-`AutoTokenizer.from_pretrained` works). Needs no transformers or torch.
+`AutoTokenizer.from_pretrained` works). Needs no transformers or torch. A BERT checkpoint of
+task classify is written as a BertForSequenceClassification (num_labels, id2label and label2id
+from task.labels, else LABEL_0, LABEL_1, ...), one of task span as a BertForQuestionAnswering;
+a decoder's (gpt2, llama) classify or span head is refused (ConfigError): Hugging Face's
+GPT2ForSequenceClassification / LlamaForSequenceClassification score without a bias and find
+the last token by the pad id, which lm's head does not match.
 
 Mapping (HF -> lm; HF Linear weights are [out, in], GPT-2's Conv1D [in, out]):
     GPT-2  wte -> embed, wpe -> pos_embed, h.i.ln_1/ln_2 -> attn_norm/mlp_norm (scale, bias),
@@ -32,6 +39,10 @@ Mapping (HF -> lm; HF Linear weights are [out, in], GPT-2's Conv1D [in, out]):
            cls.predictions.decoder.* must equal them); where both are present bert.pooler.dense
            -> pooler and cls.seq_relationship -> nsp (model.nsp_head, task mlm_nsp).
            TF-era LayerNorm.gamma / .beta are read as .weight / .bias.
+           BertForSequenceClassification: bert.pooler.dense -> pooler, classifier -> classifier
+           (task classify), no masked-LM head; BertForQuestionAnswering: qa_outputs -> span
+           (row 0 start, row 1 end; task span), no pooler (a file's bert.pooler.* is dropped)
+           and no masked-LM head.
 """
 from __future__ import annotations
 
@@ -51,11 +62,15 @@ from lm.checkpoint import Checkpointer
 from lm.config import ConfigError, defaults, from_config_dict, override
 from lm.data import tokenizer as lm_tokenizer
 from lm.data.tokenizer import DATA_FILE
-from lm.model import abstract_model
+from lm.model import abstract_model, default_task
 from lm.predict import load_checkpoint
 
 ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "BertForMaskedLM": "bert",
-         "BertForPreTraining": "bert"}
+         "BertForPreTraining": "bert", "BertForSequenceClassification": "bert",
+         "BertForQuestionAnswering": "bert"}
+# The BERT fine-tuning heads: Hugging Face architecture -> lm's task.name, and back.
+BERT_HEADS = {"BertForSequenceClassification": "classify", "BertForQuestionAnswering": "span"}
+BERT_HEAD_ARCHS = {task: arch for arch, task in BERT_HEADS.items()}
 # Buffers some exports carry that are not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq",
                     "embeddings.position_ids", "embeddings.token_type_ids")
@@ -107,16 +122,24 @@ def _get(hf: dict, key: str, default=None):
     return value
 
 
-def model_fields(hf: dict) -> dict:
-    """lm's model.* keys from a Hugging Face config.json; unsupported choices are errors that
-    name the field."""
+def hf_architecture(hf: dict) -> str:
+    """The first of config.json's architectures that lm converts; none is an error naming the
+    supported ones."""
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in ARCHS), None)
     if arch is None:
-        why = (" (BertModel has no masked-LM head: convert a BertForMaskedLM or "
-               "BertForPreTraining)" if "BertModel" in archs else "")
+        bert = [a for a in ARCHS if ARCHS[a] == "bert"]
+        why = (f" (BertModel has no masked-LM head nor a fine-tuning head: convert a "
+               f"{', '.join(bert[:-1])} or {bert[-1]})" if "BertModel" in archs else "")
         raise ConfigError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
                           f"supported: {', '.join(ARCHS)}{why}")
+    return arch
+
+
+def model_fields(hf: dict) -> dict:
+    """lm's model.* keys from a Hugging Face config.json; unsupported choices are errors that
+    name the field."""
+    arch = hf_architecture(hf)
 
     def unsupported(field, value, allowed):
         if hf.get(field, allowed) != allowed:
@@ -140,7 +163,8 @@ def model_fields(hf: dict) -> dict:
         unsupported("position_embedding_type", "absolute", "absolute")
         unsupported("is_decoder", False, False)
         unsupported("add_cross_attention", False, False)
-        unsupported("tie_word_embeddings", True, True)
+        if arch not in BERT_HEADS:  # the masked-LM decoder is tied; the other heads have none
+            unsupported("tie_word_embeddings", True, True)
         fields = dict(style="bert", num_layers=_get(hf, "num_hidden_layers"), d_model=d,
                       num_heads=heads, num_kv_heads=heads, mlp_dim=_get(hf, "intermediate_size"),
                       vocab_size=_get(hf, "vocab_size"),
@@ -176,10 +200,76 @@ def model_fields(hf: dict) -> dict:
     return fields
 
 
-def hf_config(m, eod_id: int | None = None, pad_id: int | None = None) -> dict:
-    """A config.json for `from_pretrained` from lm's ModelConfig."""
+def hf_labels(hf: dict) -> list[str]:
+    """A sequence classifier's labels in id order: config.json's id2label values (its keys must
+    be 0 .. n-1), else LABEL_0 .. LABEL_{num_labels-1} (transformers' names; num_labels
+    defaults to 2 there)."""
+    id2label = hf.get("id2label")
+    if not id2label:
+        return [f"LABEL_{i}" for i in range(int(hf.get("num_labels") or 2))]
+    try:
+        ids = {int(k): v for k, v in id2label.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(f"config.json: id2label must map the ids 0, 1, ... to labels, got "
+                          f"{id2label!r}") from None
+    if sorted(ids) != list(range(len(ids))):
+        raise ConfigError(f"config.json: id2label's ids must be 0 .. {len(ids) - 1}, got "
+                          f"{sorted(ids)}")
+    return [str(ids[i]) for i in range(len(ids))]
+
+
+def head_fields(hf: dict, arch: str) -> dict:
+    """lm's task.* keys of a BERT fine-tuning architecture (BERT_HEADS): task classify with
+    num_labels and labels (`hf_labels`), or task span (num_labels 2: start, end). A regression
+    or multi-label classifier is an error: lm's classify head is one softmax over the
+    labels."""
+    task, labels = BERT_HEADS[arch], hf_labels(hf)
+    if task == "span":  # transformers sizes qa_outputs by num_labels
+        if len(labels) != 2:
+            raise ConfigError(f"config.json: a {arch} with num_labels={len(labels)} is not "
+                              "supported (lm's span head has 2 outputs: start and end)")
+        return {"task.name": "span"}
+    problem = hf.get("problem_type")
+    if len(labels) < 2 or problem not in (None, "single_label_classification"):
+        raise ConfigError(f"config.json: a {arch} with {len(labels)} label(s) and problem_type="
+                          f"{problem!r} is not supported (lm's classify head is single-label "
+                          "classification over >= 2 labels, a softmax)")
+    return {"task.name": "classify", "task.num_labels": len(labels),
+            "task.labels": json.dumps(labels)}
+
+
+def hf_architecture_of(m, task=None) -> str:
+    """The Hugging Face class to-hf writes for lm's model and task (default: the style's
+    pretraining task); a decoder's fine-tuning head is an error saying what is supported."""
+    task = task or default_task(m)
     if m.style == "bert":
-        return {"architectures": ["BertForPreTraining" if m.nsp_head else "BertForMaskedLM"],
+        if task.name in BERT_HEAD_ARCHS:
+            return BERT_HEAD_ARCHS[task.name]
+        return "BertForPreTraining" if m.nsp_head else "BertForMaskedLM"
+    if task.finetune:
+        raise ConfigError(f"to-hf does not convert a {m.style} model of task.name "
+                          f"{task.name!r}: fine-tuning heads are converted for BERT only "
+                          f"(task classify -> BertForSequenceClassification, span -> "
+                          f"BertForQuestionAnswering); {m.style} converts with task.name 'lm'")
+    return {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[m.style]
+
+
+def _label_fields(task) -> dict:
+    """config.json's num_labels, id2label and label2id of a classify task (its labels as
+    strings, LABEL_i where the run has none)."""
+    labels = [str(x) for x in task.label_list] or [f"LABEL_{i}" for i in range(task.num_labels)]
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {x: i for i, x in enumerate(labels)},
+            "problem_type": "single_label_classification", "classifier_dropout": None}
+
+
+def hf_config(m, eod_id: int | None = None, pad_id: int | None = None, task=None) -> dict:
+    """A config.json for `from_pretrained` from lm's ModelConfig and TaskConfig (default: the
+    style's pretraining task)."""
+    task = task or default_task(m)
+    arch = hf_architecture_of(m, task)
+    if m.style == "bert":
+        return {"architectures": [arch],
                 "model_type": "bert", "num_hidden_layers": m.num_layers,
                 "hidden_size": m.d_model, "num_attention_heads": m.num_heads,
                 "intermediate_size": m.mlp_dim, "vocab_size": m.vocab_size,
@@ -188,7 +278,8 @@ def hf_config(m, eod_id: int | None = None, pad_id: int | None = None) -> dict:
                 "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
                 "initializer_range": 0.02, "pad_token_id": 0 if pad_id is None else pad_id,
                 "is_decoder": False, "add_cross_attention": False,
-                "tie_word_embeddings": True, "torch_dtype": "float32"}
+                "tie_word_embeddings": True, "torch_dtype": "float32"} | (
+                    _label_fields(task) if task.name == "classify" else {})
     ids = {"bos_token_id": eod_id, "eos_token_id": eod_id}
     if m.style == "gpt2":
         return ids | {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -222,8 +313,12 @@ def _gpt2_layer(m, i):
     }, (p + "attn.c_attn.weight", (d, 3 * d)), (p + "attn.c_attn.bias", (3 * d,)), (n, h)
 
 
-def _bert_top(m):
-    """lm path -> (HF name, HF shape, lm shape, is an nn.Linear weight: [out, in] there)."""
+def _bert_top(m, task=None):
+    """lm path -> (HF name, HF shape, lm shape, is an nn.Linear weight: [out, in] there), for
+    the heads of `task` (default: the style's, mlm): the masked-LM head (and, model.nsp_head,
+    the pooler and next-sentence head), or the pooler and classifier (classify), or the span
+    head (span)."""
+    task = task or default_task(m)
     d, v = m.d_model, m.vocab_size
     e, c = "bert.embeddings.", "cls.predictions."
     top = {"embed": (e + "word_embeddings.weight", (v, d), (v, d), False),
@@ -231,17 +326,25 @@ def _bert_top(m):
            "type_embed": (e + "token_type_embeddings.weight", (m.type_vocab_size, d),
                           (m.type_vocab_size, d), False),
            "embed_norm/scale": (e + "LayerNorm.weight", (d,), (d,), False),
-           "embed_norm/bias": (e + "LayerNorm.bias", (d,), (d,), False),
-           "mlm_dense/w": (c + "transform.dense.weight", (d, d), (d, d), True),
-           "mlm_dense/bias": (c + "transform.dense.bias", (d,), (d,), False),
-           "mlm_norm/scale": (c + "transform.LayerNorm.weight", (d,), (d,), False),
-           "mlm_norm/bias": (c + "transform.LayerNorm.bias", (d,), (d,), False),
-           "vocab_bias": (c + "bias", (v,), (v,), False)}
-    if m.nsp_head:
-        top |= {"pooler/w": ("bert.pooler.dense.weight", (d, d), (d, d), True),
-                "pooler/bias": ("bert.pooler.dense.bias", (d,), (d,), False),
-                "nsp/w": ("cls.seq_relationship.weight", (2, d), (d, 2), True),
-                "nsp/bias": ("cls.seq_relationship.bias", (2,), (2,), False)}
+           "embed_norm/bias": (e + "LayerNorm.bias", (d,), (d,), False)}
+    pooler = {"pooler/w": ("bert.pooler.dense.weight", (d, d), (d, d), True),
+              "pooler/bias": ("bert.pooler.dense.bias", (d,), (d,), False)}
+    if task.masked:
+        top |= {"mlm_dense/w": (c + "transform.dense.weight", (d, d), (d, d), True),
+                "mlm_dense/bias": (c + "transform.dense.bias", (d,), (d,), False),
+                "mlm_norm/scale": (c + "transform.LayerNorm.weight", (d,), (d,), False),
+                "mlm_norm/bias": (c + "transform.LayerNorm.bias", (d,), (d,), False),
+                "vocab_bias": (c + "bias", (v,), (v,), False)}
+    if task.masked and m.nsp_head:
+        top |= pooler | {"nsp/w": ("cls.seq_relationship.weight", (2, d), (d, 2), True),
+                         "nsp/bias": ("cls.seq_relationship.bias", (2,), (2,), False)}
+    if task.name == "classify":
+        n = task.num_labels
+        top |= pooler | {"classifier/w": ("classifier.weight", (n, d), (d, n), True),
+                         "classifier/bias": ("classifier.bias", (n,), (n,), False)}
+    if task.name == "span":
+        top |= {"span/w": ("qa_outputs.weight", (2, d), (d, 2), True),
+                "span/bias": ("qa_outputs.bias", (2,), (2,), False)}
     return top
 
 
@@ -278,9 +381,11 @@ def bert_aliases(t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name(k): x for k, x in t.items()}
 
 
-def from_hf_tensors(m, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """lm's parameters ('blocks/attn/wq', ... stacked over layers) from HF tensors; shape or
-    name mismatches are errors naming the tensor and the config fields."""
+def from_hf_tensors(m, t: dict[str, np.ndarray], task=None) -> dict[str, np.ndarray]:
+    """lm's parameters ('blocks/attn/wq', ... stacked over layers) from HF tensors, with the
+    heads of `task` (a BERT's; default: the style's pretraining task); shape or name mismatches
+    are errors naming the tensor and the config fields."""
+    task = task or default_task(m)
     used = set()
 
     def take(name, shape, why):
@@ -321,24 +426,27 @@ def from_hf_tensors(m, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 raise ConfigError("lm_head.weight differs from transformer.wte.weight: lm's "
                                   "gpt2 style ties the output head to the input embedding")
     elif m.style == "bert":
-        why += f", type_vocab={m.type_vocab_size}, nsp_head={m.nsp_head}"
+        why += (f", type_vocab={m.type_vocab_size}, nsp_head={m.nsp_head}, task={task.name}"
+                + (f", num_labels={task.num_labels}" if task.name == "classify" else ""))
 
         def lm(entry):
             name, hf_shape, lm_shape, linear = entry
             x = take(name, hf_shape, why)
             return (x.T if linear else x).reshape(lm_shape)
 
-        if "cls.predictions.bias" not in t and "cls.predictions.decoder.bias" in t:
+        if (task.masked and "cls.predictions.bias" not in t
+                and "cls.predictions.decoder.bias" in t):
             t = {**t, "cls.predictions.bias": t["cls.predictions.decoder.bias"]}
-        out = {path: lm(entry) for path, entry in _bert_top(m).items()}
+        out = {path: lm(entry) for path, entry in _bert_top(m, task).items()}
         for i in range(m.num_layers):
             for path, entry in _bert_layer(m, i).items():
                 put(path, lm(entry))
         # Older files hold the tied decoder too; lm ties it, so it must be the same tensors.
-        for name, tied, ours in (("cls.predictions.decoder.weight", "bert.embeddings."
-                                  "word_embeddings.weight", out["embed"]),
-                                 ("cls.predictions.decoder.bias", "cls.predictions.bias",
-                                  out["vocab_bias"])):
+        tied_decoder = (("cls.predictions.decoder.weight", "bert.embeddings."
+                         "word_embeddings.weight", out["embed"]),
+                        ("cls.predictions.decoder.bias", "cls.predictions.bias",
+                         out["vocab_bias"])) if task.masked else ()
+        for name, tied, ours in tied_decoder:
             if name in t and not np.array_equal(take(name, ours.shape, why), ours):
                 raise ConfigError(f"{name} differs from {tied}: lm's bert style ties the "
                                   "masked-LM decoder to the input embedding and its bias")
@@ -371,7 +479,7 @@ def from_hf_tensors(m, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def to_hf_tensors(m, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def to_hf_tensors(m, params: dict[str, np.ndarray], task=None) -> dict[str, np.ndarray]:
     """The inverse of `from_hf_tensors`."""
     d, n, k, h = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
     b = {path[len("blocks/"):]: x for path, x in params.items() if path.startswith("blocks/")}
@@ -382,7 +490,7 @@ def to_hf_tensors(m, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return x.reshape(hf_shape[::-1]).T if linear else x.reshape(hf_shape)
 
     if m.style == "bert":  # the tied decoder is left out, as transformers 5 saves it
-        t = {entry[0]: hf(params[path], entry) for path, entry in _bert_top(m).items()}
+        t = {entry[0]: hf(params[path], entry) for path, entry in _bert_top(m, task).items()}
         for i in range(m.num_layers):
             t |= {entry[0]: hf(b[path][i], entry) for path, entry in _bert_layer(m, i).items()}
     elif m.style == "gpt2":
@@ -431,27 +539,19 @@ def from_hf(hf_dir: str, out_dir: str) -> dict:
         raise ConfigError(f"{hf_dir} has no config.json (is it a Hugging Face model directory?)")
     with open(config_path) as f:
         hf = json.load(f)
-    fields = model_fields(hf)
+    fields, arch = model_fields(hf), hf_architecture(hf)
     if os.path.isdir(os.path.join(out_dir, "checkpoints")):
         raise ConfigError(f"{out_dir} already holds checkpoints; choose a new OUT_DIR")
-    raw = read_safetensors(hf_dir)
-    task = {}
+    if arch in BERT_HEADS:
+        head_fields(hf, arch)  # its errors before reading the weights
+    raw, task = read_safetensors(hf_dir), {}
     if fields["style"] == "bert":
-        raw = bert_aliases(raw)
-        # The tensors decide, not the architecture name: the Hub's bert-base-uncased says
-        # BertForMaskedLM and ships the pooler and the next-sentence head.
-        pooler = [k for k in raw if k.startswith("bert.pooler.")]
-        fields["nsp_head"] = bool(pooler) and "cls.seq_relationship.weight" in raw
-        if pooler and not fields["nsp_head"]:
-            print("lm.convert: bert.pooler.* without cls.seq_relationship: the pooler is not "
-                  "converted (no next-sentence head)", file=sys.stderr)
-            raw = {k: x for k, x in raw.items() if k not in pooler}
-        task = {"task.name": "mlm_nsp" if fields["nsp_head"] else "mlm"}
+        raw, task = bert_heads(bert_aliases(raw), fields, hf, arch)
     run = from_config_dict(override(defaults(), **{f"model.{k}": v for k, v in fields.items()},
                                     **{"train.seq_len": min(1024, fields["max_len"])}, **task))
     if run.model.style == "gpt2" and "wte.weight" in raw and "transformer.wte.weight" not in raw:
         raw = {f"transformer.{k}": x for k, x in raw.items()}  # the original GPT-2 uploads
-    tensors = from_hf_tensors(run.model, raw)
+    tensors = from_hf_tensors(run.model, raw, run.task)
     _, abstract = abstract_model(run.model, run.precision, run.task)
     params = jax.tree_util.tree_map_with_path(
         lambda p, a: np.asarray(tensors[_path_of(p)], a.dtype), abstract)
@@ -463,6 +563,28 @@ def from_hf(hf_dir: str, out_dir: str) -> dict:
     tokenizer = _carry_tokenizer_in(hf_dir, out_dir)
     return {"style": run.model.style, "params": sum(x.size for x in tensors.values()),
             "tokenizer": tokenizer}
+
+
+def bert_heads(raw: dict[str, np.ndarray], fields: dict, hf: dict, arch: str
+               ) -> tuple[dict[str, np.ndarray], dict]:
+    """(the tensors to convert, the task.* keys) of a BERT file; sets fields["nsp_head"].
+    A fine-tuning architecture (BERT_HEADS) gives its task (`head_fields`) and no next-sentence
+    head; a BertForQuestionAnswering's pooler, which its span head does not use, is dropped.
+    Otherwise the tensors decide, not the architecture name: the Hub's bert-base-uncased says
+    BertForMaskedLM and ships the pooler and the next-sentence head (task mlm_nsp)."""
+    pooler = [k for k in raw if k.startswith("bert.pooler.")]
+    if arch in BERT_HEADS:
+        fields["nsp_head"] = False
+        task = head_fields(hf, arch)
+        keep_pooler, why = task["task.name"] == "classify", "its span head does not use it"
+    else:
+        fields["nsp_head"] = bool(pooler) and "cls.seq_relationship.weight" in raw
+        task = {"task.name": "mlm_nsp" if fields["nsp_head"] else "mlm"}
+        keep_pooler, why = fields["nsp_head"], "no cls.seq_relationship: no next-sentence head"
+    if pooler and not keep_pooler:
+        print(f"lm.convert: bert.pooler.* is not converted ({why})", file=sys.stderr)
+        raw = {k: x for k, x in raw.items() if k not in pooler}
+    return raw, task
 
 
 def _carry_tokenizer_in(hf_dir: str, out_dir: str) -> str | None:
@@ -481,16 +603,18 @@ def _carry_tokenizer_in(hf_dir: str, out_dir: str) -> str | None:
 
 
 def to_hf(checkpoint: str, hf_dir: str) -> dict:
-    """Writes model.safetensors + config.json (+ tokenizer.json) of an lm checkpoint."""
+    """Writes model.safetensors + config.json (+ tokenizer.json) of an lm checkpoint; a
+    decoder's classify / span checkpoint is a ConfigError (`hf_architecture_of`)."""
     run, params, tok = load_checkpoint(checkpoint)
     m = run.model
+    config = hf_config(m, *((tok.eod_id, tok.pad_id) if tok is not None else (None, None)),
+                       task=run.task)  # first: an unsupported head writes nothing
     params = {_path_of(p): np.asarray(x) for p, x in
               jax.tree_util.tree_flatten_with_path(params)[0]}
-    tensors = to_hf_tensors(m, params)
+    tensors = to_hf_tensors(m, params, run.task)
     write_safetensors(tensors, hf_dir)
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
-        json.dump(hf_config(m, *((tok.eod_id, tok.pad_id) if tok is not None else ())), f,
-                  indent=1)
+        json.dump(config, f, indent=1)
     tok_file = os.path.join(hf_dir, "tokenizer.json")
     if tok is not None and getattr(tok, "path", None):
         shutil.copy(tok.path, tok_file)
@@ -501,7 +625,7 @@ def to_hf(checkpoint: str, hf_dir: str) -> dict:
     if tok is not None and m.style == "bert":
         with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
             json.dump(tokenizer_config(tok_file, m.max_len), f, indent=1)
-    return {"style": m.style, "tensors": len(tensors)}
+    return {"style": m.style, "tensors": len(tensors), "architecture": config["architectures"][0]}
 
 
 def tokenizer_config(tok_file: str, max_len: int) -> dict:

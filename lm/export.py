@@ -10,6 +10,13 @@ writes, into OUT:
     export.json         model size facts (max_len, vocab, layers, kv heads, head dim), tokenizer
     the tokenizer file (BPE `tokenizer.json`), when the run had one
 
+and for an encoder (model.style 'bert') or a fine-tuned head (task classify / span, any style)
+instead of prefill and decode:
+    encoder.jaxexport   (params, tokens [b, t], token_types [b, t], lengths [b]) -> {"pooled"
+                        [b, D], "probs" [b, C] (classify) or "start" / "end" [b, t] (span)}
+                        (lm.finetune.encoder_function; b and t symbolic), with export.json's
+                        "task", "labels" and "seq_len" (what the head was trained on)
+
 `lm.export.load(OUT)` returns an `Exported` whose `prefill` and `decode_step` call the
 deserialized functions, and whose `slots` (continuous batching, `lm.generate.DecodeSlots`) and
 greedy `generate` (built on them, for checks) run them: nothing of lm.model is imported.
@@ -32,10 +39,45 @@ from lm.generate import DecodeSlots, Engine, SamplingParams
 from lm.sharding import KV_CACHE_BATCH_AXIS
 
 PREFILL, DECODE, PARAMS, META = "prefill.jaxexport", "decode.jaxexport", "params.npz", "export.json"
+ENCODER = "encoder.jaxexport"
+
+
+def _is_encoder(checkpoint: str) -> bool:
+    from lm.checkpoint import checkpoint_config
+    saved, _ = checkpoint_config(checkpoint)
+    return bool(saved) and (saved.get("model", {}).get("style") == "bert" or
+                            saved.get("task", {}).get("name") in ("classify", "span"))
+
+
+def export_encoder(checkpoint: str, out: str, platforms: tuple[str, ...] | None = None) -> dict:
+    """Writes an encoder's or fine-tuned head's function (module docstring) into `out`."""
+    from lm.finetune import encoder_function
+    from lm.predict import load_checkpoint
+    run, params, tok = load_checkpoint(checkpoint)
+    leaves, treedef = jax.tree.flatten(params)
+    fn = encoder_function(run)
+    b, t = jax.export.symbolic_shape("b, t")
+    int_bt, int_b = jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32)
+    exported = jax.export.export(
+        jax.jit(lambda flat_params, *args: fn(treedef.unflatten(flat_params), *args)),
+        platforms=platforms or None)(
+        [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves], int_bt, int_bt, int_b)
+    out_dir = pathlib.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ENCODER).write_bytes(exported.serialize())
+    np.savez(out_dir / PARAMS, *[np.asarray(x) for x in leaves])
+    meta = {"kind": "encoder", "task": run.task.name, "labels": run.task.label_list,
+            "max_len": run.model.max_len, "seq_len": run.train.seq_len,
+            "d_model": run.model.d_model, "platforms": list(exported.platforms),
+            "tokenizer": tok.save(out) if tok is not None else None}
+    (out_dir / META).write_text(json.dumps(meta, indent=1))
+    return meta
 
 
 def export(checkpoint: str, out: str, platforms: tuple[str, ...] | None = None) -> dict:
     """Writes the serving functions of `checkpoint` into `out`; returns export.json's facts."""
+    if _is_encoder(checkpoint):
+        return export_encoder(checkpoint, out, platforms)
     engine = Engine.from_checkpoint(checkpoint)
     cfg = engine.cfg
     leaves, treedef = jax.tree.flatten(engine.params)
@@ -70,13 +112,21 @@ class Exported:
     def __init__(self, directory: str):
         d = pathlib.Path(directory)
         self.meta = json.loads((d / META).read_text())
-        self._prefill = jax.export.deserialize((d / PREFILL).read_bytes())
-        self._decode = jax.export.deserialize((d / DECODE).read_bytes())
+        if self.meta.get("kind") == "encoder":
+            self._encoder = jax.export.deserialize((d / ENCODER).read_bytes())
+        else:
+            self._prefill = jax.export.deserialize((d / PREFILL).read_bytes())
+            self._decode = jax.export.deserialize((d / DECODE).read_bytes())
         with np.load(d / PARAMS) as z:
             self.params = [jnp.asarray(z[f"arr_{i}"]) for i in range(len(z.files))]
         tok = self.meta.get("tokenizer")
         self.tokenizer = tokenizers.load(tok, directory) if tok is not None else None
         self.max_len = self.meta["max_len"]
+
+    def encode(self, tokens_bt, types_bt, lengths_b) -> dict:
+        """An encoder export's outputs (module docstring) for right-padded rows."""
+        return self._encoder.call(self.params, *(jnp.asarray(x, jnp.int32) for x in (
+            tokens_bt, types_bt, lengths_b)))
 
     def prefill(self, tokens_bp, lengths_b):
         return self._prefill.call(self.params, jnp.asarray(tokens_bp, jnp.int32),
@@ -129,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"lm.export: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported prefill and decode step ({', '.join(meta['platforms'])}) to {args.out}")
+    what = "the encoder" if meta.get("kind") == "encoder" else "prefill and decode step"
+    print(f"exported {what} ({', '.join(meta['platforms'])}) to {args.out}")
 
 
 if __name__ == "__main__":

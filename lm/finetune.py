@@ -301,6 +301,9 @@ def prepare(run: RunConfig, log) -> tuple[RunConfig, LabelledData]:
     task.labels and num_labels from the data) and its encoded data. Reports skipped rows
     through `log`."""
     t, k = run.train, run.task
+    if not run.data.path:
+        raise ConfigError(f"'data.path' must name the labelled training JSONL for task.name "
+                          f"{k.name!r} (docs/finetuning.md)")
     tok, model = _pretrained(run)
     if model is not None:
         run = dataclasses.replace(run, model=model)
@@ -503,12 +506,19 @@ def best_answers(split: Split, start: np.ndarray, end: np.ndarray, max_answer_le
     windows' [F, T] start / end logits; an example whose windows allow no answer gets "" at
     0, 0 with score 0."""
     best: list[tuple[float, float, int, int]] = [(-np.inf, 0.0, 0, 0)] * len(split.rows)
+    siblings = collections.defaultdict(list)  # example -> its windows
+    for f, w in enumerate(split.windows):
+        siblings[w.example].append(f)
     for f, w in enumerate(split.windows):
         lo, hi = w.prefix, w.prefix + w.size  # the window's context tokens
-        s_logp, e_logp = (_log_softmax(x[f, lo:hi]) for x in (start, end))
+        # over all the window's tokens, as in training: a window trained to point at its
+        # first token (no answer inside) gives its context little probability
+        s_logp, e_logp = (_log_softmax(x[f])[lo:hi] for x in (start, end))
         top_s = np.argsort(-s_logp)[:N_BEST]
         top_e = np.argsort(-e_logp)[:N_BEST]
         for i in top_s:
+            if not _max_context(split.windows, siblings[w.example], f, w.start + int(i)):
+                continue
             for j in top_e:
                 if j < i or j - i + 1 > max_answer_len:
                     continue
@@ -525,6 +535,18 @@ def best_answers(split: Split, start: np.ndarray, end: np.ndarray, max_answer_le
         out.append({"answer": split.rows[e]["context"][a:b], "start": a, "end": b,
                     "score": prob})
     return out
+
+
+def _max_context(windows: list[Window], siblings: list[int], f: int, token: int) -> bool:
+    """Whether window f gives context token `token` the most context of all its example's
+    windows that hold it (Google's: min(left, right) + 0.01 size, first window on ties): an
+    answer starting at a window's cut edge is taken from the window that sees around it."""
+    def context(w: Window) -> float:
+        return min(token - w.start, w.start + w.size - 1 - token) + 0.01 * w.size
+    best = max((g for g in siblings
+                if windows[g].start <= token < windows[g].start + windows[g].size),
+               key=lambda g: (context(windows[g]), -g))
+    return best == f
 
 
 def span_metrics(split: Split, start: np.ndarray, end: np.ndarray, max_answer_len: int
@@ -564,6 +586,27 @@ def loader_state(position: int):
 # Serving the heads: lm.predict, lm.serve
 
 
+def encoder_function(run: RunConfig):
+    """(params, tokens [B, T], token types [B, T], lengths [B]) -> {"pooled" [B, D], and
+    "probs" [B, C] (classify) or "start" / "end" logits [B, T] (span)}, float32: what lm.predict,
+    lm.serve and lm.export run of an encoder or fine-tuned checkpoint."""
+    from lm.model import abstract_model
+    graphdef, _ = abstract_model(run.model, run.precision, run.task)
+    name = run.task.name
+
+    def forward(params, tokens, types, lengths):
+        model = nnx.merge(graphdef, params)
+        x_btd = model.hidden(tokens, token_types=types, lengths=lengths)
+        out = {"pooled": model.pooled(x_btd, lengths).astype(jnp.float32)}
+        if name == "classify":
+            out["probs"] = jax.nn.softmax(model.class_logits(x_btd, lengths), -1)
+        if name == "span":
+            logits = model.span_logits(x_btd)
+            out["start"], out["end"] = logits[..., 0], logits[..., 1]
+        return out
+    return forward
+
+
 class Encoder:
     """A classify / span / masked-LM checkpoint's forward passes over rows of any length: rows
     are bucketed by length (powers of two, lm.predict's buckets) and run --batch-size at a time
@@ -571,7 +614,6 @@ class Encoder:
     `Transformer.pooled`) take and return Python values."""
 
     def __init__(self, run: RunConfig, params, tokenizer, batch_size: int = 32):
-        from lm.model import abstract_model
         if tokenizer is None:
             raise ConfigError("this checkpoint has no tokenizer (WORKDIR/data.json): an encoder "
                               "needs one to read text")
@@ -580,22 +622,7 @@ class Encoder:
         self.task, self.cfg = run.task, run.model
         self.seq_len = run.train.seq_len  # the windows it was trained on (cut longer inputs)
         self.labels = run.task.label_list
-        graphdef, _ = abstract_model(run.model, run.precision, run.task)
-        name = run.task.name
-
-        @jax.jit
-        def forward(params, tokens, types, lengths):
-            model = nnx.merge(graphdef, params)
-            x_btd = model.hidden(tokens, token_types=types, lengths=lengths)
-            out = {"pooled": model.pooled(x_btd, lengths).astype(jnp.float32)}
-            if name == "classify":
-                out["probs"] = jax.nn.softmax(model.class_logits(x_btd, lengths), -1)
-            if name == "span":
-                logits = model.span_logits(x_btd)
-                out["start"], out["end"] = logits[..., 0], logits[..., 1]
-            return out
-
-        self._forward = forward
+        self._forward = jax.jit(encoder_function(run))
         self.shapes: set[tuple[int, int]] = set()
 
     @classmethod

@@ -346,3 +346,166 @@ def test_an_unsupported_bert_config_is_a_clear_error(tmp_path, edit, message):
     path.write_text(json.dumps(json.loads(path.read_text()) | edit))
     with pytest.raises(ConfigError, match=message):
         from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT fine-tuning heads: BertForSequenceClassification (task classify) and
+# BertForQuestionAnswering (task span).
+
+HEAD_LABELS = ["NEGATIVE", "NEUTRAL", "POSITIVE"]
+
+
+def hf_bert_head(arch: str, **extra):
+    """A random tiny BERT with a fine-tuning head (2 layers, hidden 32, vocab 100), its
+    LayerNorms and biases random too (std 0.15 weights, as `hf_bert`); eval mode, eager
+    attention, float32. The classifier has HEAD_LABELS."""
+    torch.manual_seed(0)
+    if arch == "BertForSequenceClassification":
+        extra = {"id2label": dict(enumerate(HEAD_LABELS)),
+                 "label2id": {x: i for i, x in enumerate(HEAD_LABELS)}} | extra
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=100,
+                                  max_position_embeddings=40, initializer_range=0.15, **extra)
+    model = getattr(transformers, arch)._from_config(cfg, attn_implementation="eager",
+                                                     dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight")
+                        else 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_bert_head(tmp_path, arch: str, **extra):
+    model = hf_bert_head(arch, **extra)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tok = bert_tokenizer(tmp_path, lowercase=True)
+    tok.save_pretrained(tmp_path / "hf")
+    return model, tok
+
+
+HEAD_TEXTS = [("the cat sat on the mat.", None), ("a dog", "the dog ran , the cat sat"),
+              ("sat", None), ("the mat ran on a cat , the dog sat on the mat .", "dog")]
+
+
+def hf_head_rows(tok):
+    """(ids, token types) of HEAD_TEXTS by the Hugging Face tokenizer: lengths 4 to 16, pairs
+    with token type 1."""
+    encoded = [tok(a, b) for a, b in HEAD_TEXTS]
+    rows = [(e.input_ids, e.token_type_ids) for e in encoded]
+    assert len({len(ids) for ids, _ in rows}) == len(rows) and any(1 in t for _, t in rows)
+    return rows
+
+
+def hf_head_out(model, ids, types):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types]))
+
+
+def test_a_bert_sequence_classifier_converts_with_its_labels_and_goes_back_out(tmp_path):
+    from lm.finetune import Encoder
+    model, tok = save_bert_head(tmp_path, "BertForSequenceClassification")
+    info = from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    assert info["style"] == "bert" and info["tokenizer"]
+    enc = Encoder.from_checkpoint(str(tmp_path / "lm"))
+    assert enc.run.task.name == "classify" and enc.run.task.num_labels == 3
+    assert enc.labels == HEAD_LABELS and not enc.run.model.nsp_head
+    rows = hf_head_rows(tok)
+    theirs = [hf_head_out(model, ids, types).logits[0].softmax(-1).numpy() for ids, types in rows]
+    assert max(float(np.ptp(p)) for p in theirs) > 0.1  # not near uniform: a swap would show
+    np.testing.assert_allclose(np.stack(enc.forward(rows)["probs"]), np.stack(theirs),
+                               atol=1e-4)
+    # The text path (lm's own encoding of the converted tokenizer) gives the same.
+    got = enc.classify([{"text": a, "text_pair": b} for a, b in HEAD_TEXTS])
+    for g, p in zip(got, theirs):
+        assert g["label"] == HEAD_LABELS[int(np.argmax(p))] and list(g["probs"]) == HEAD_LABELS
+        np.testing.assert_allclose(list(g["probs"].values()), p, atol=1e-4)
+
+    # Back out: transformers loads it with the same logits and labels.
+    assert to_hf(str(tmp_path / "lm"), str(tmp_path / "back"))["architecture"] == \
+        "BertForSequenceClassification"
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "back", attn_implementation="eager").eval()
+    assert type(back) is type(model) and back.config.id2label == dict(enumerate(HEAD_LABELS))
+    assert back.config.label2id == {x: i for i, x in enumerate(HEAD_LABELS)}
+    for ids, types in rows:
+        np.testing.assert_allclose(hf_head_out(back, ids, types).logits.numpy(),
+                                   hf_head_out(model, ids, types).logits.numpy(), atol=1e-5)
+
+
+def test_a_bert_question_answerer_converts_to_a_span_model_and_goes_back_out(tmp_path):
+    """Start and end logits at the real positions; a file's pooler (older exports hold one)
+    is dropped, as transformers ignores it."""
+    from safetensors.numpy import load_file, save_file
+    from lm.finetune import Encoder
+    model, tok = save_bert_head(tmp_path, "BertForQuestionAnswering")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    rng = np.random.default_rng(0)
+    save_file(tensors | {"bert.pooler.dense.weight": rng.normal(size=(32, 32)).astype(np.float32),
+                         "bert.pooler.dense.bias": np.zeros(32, np.float32)}, path,
+              metadata={"format": "pt"})
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    enc = Encoder.from_checkpoint(str(tmp_path / "lm"))
+    assert enc.run.task.name == "span" and not enc.run.model.nsp_head
+    rows = hf_head_rows(tok)
+    got = enc.forward(rows)
+    for j, (ids, types) in enumerate(rows):
+        out = hf_head_out(model, ids, types)
+        n = len(ids)
+        np.testing.assert_allclose(got["start"][j][:n], out.start_logits[0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(got["end"][j][:n], out.end_logits[0].numpy(), atol=1e-4)
+    answer = enc.answer([{"question": "who sat", "context": "the cat sat on the mat ."}])[0]
+    assert set(answer) == {"answer", "start", "end", "score"}
+
+    assert to_hf(str(tmp_path / "lm"), str(tmp_path / "back"))["architecture"] == \
+        "BertForQuestionAnswering"
+    back = transformers.AutoModelForQuestionAnswering.from_pretrained(
+        tmp_path / "back", attn_implementation="eager").eval()
+    assert type(back) is type(model)
+    for ids, types in rows:
+        ours, theirs = hf_head_out(back, ids, types), hf_head_out(model, ids, types)
+        np.testing.assert_allclose(ours.start_logits.numpy(), theirs.start_logits.numpy(),
+                                   atol=1e-5)
+        np.testing.assert_allclose(ours.end_logits.numpy(), theirs.end_logits.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, edit, message", [
+    ("BertForSequenceClassification", {"architectures": ["BertModel"]},
+     "supported: .*BertForSequenceClassification, BertForQuestionAnswering"),
+    ("BertForSequenceClassification", {"problem_type": "multi_label_classification"},
+     "problem_type='multi_label_classification' is not supported"),
+    ("BertForSequenceClassification", {"id2label": {"0": "x"}}, "1 label"),
+    ("BertForSequenceClassification", {"id2label": {"0": "a", "1": "b"}},
+     "classifier.weight has shape"),
+    ("BertForSequenceClassification", {"id2label": {"0": "a", "2": "b", "3": "c"}},
+     "id2label's ids must be 0 .. 2"),
+    ("BertForQuestionAnswering", {"id2label": {"0": "a", "1": "b", "2": "c"}},
+     "num_labels=3 is not supported"),
+])
+def test_an_unsupported_bert_head_is_a_clear_error(tmp_path, arch, edit, message):
+    hf_bert_head(arch).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | edit))
+    with pytest.raises(ConfigError, match=message):
+        from_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+
+
+def test_to_hf_refuses_a_decoders_fine_tuning_head(tmp_path):
+    """A gpt2 classify checkpoint: a ConfigError naming what is supported, nothing written."""
+    import jax
+    from conftest import small_run
+    from lm.checkpoint import Checkpointer
+    from lm.model import abstract_model
+    run = small_run(**{"task.name": "classify", "task.num_labels": 2, "data.path": "x.jsonl",
+                       "model.d_model": 32, "model.mlp_dim": 64})
+    _, abstract = abstract_model(run.model, run.precision, run.task)
+    ckpt = Checkpointer(str(tmp_path / "lm"), async_save=False)
+    ckpt.save(0, {"params": jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)}, None,
+              run.to_dict())
+    ckpt.wait()
+    ckpt.close()
+    with pytest.raises(ConfigError, match="gpt2 model of task.name 'classify'.*BERT only "
+                                          r"\(task classify -> BertForSequenceClassification"):
+        to_hf(str(tmp_path / "lm"), str(tmp_path / "back"))
+    assert not (tmp_path / "back").exists()
