@@ -1,21 +1,39 @@
-"""An OpenAI-compatible HTTP server with continuous batching.
+"""An OpenAI-compatible HTTP server: continuous batching (decoders), dynamic batching (encoders).
 
     python -m lm.serve (--checkpoint DIR | --export DIR) [--host 127.0.0.1] [--port 8000]
         [--max-batch-size 8] [--max-queue-delay-ms 5] [--max-queue-size 256] [--timeout-s 60]
-        [--quantize int8] [--kv-cache int8] [--data N --tensor N]
+        [--quantize int8] [--kv-cache int8] [--data N --tensor N]     (decoders)
+        [--preferred-batch-sizes 4,8]                                  (encoders)
 
+A decoder checkpoint (or an export):
     POST /v1/completions   prompt (text, token ids, or a list of either), max_tokens, temperature,
                            top_p, top_k (extension), stop, seed, n, stream (server-sent events)
-    GET  /v1/models, /health, /metrics (Prometheus text)
+An encoder checkpoint (model.style bert, or task classify / span of any style; lm.finetune's
+`Encoder`):
+    POST /v1/embeddings    OpenAI's: input (a string or a list of strings), model,
+                           encoding_format (float / base64), dimensions (only the model's)
+                           -> {"object": "list", "data": [{"object": "embedding", "index",
+                           "embedding"}], "model", "usage"}: the pooled vectors
+    POST /classify         {"inputs": [{"text", "text_pair"?} or a string, ...]} (classify) or
+                           [{"question", "context"}, ...] (span) -> {"model", "results":
+                           [{"label", "probs"} or {"answer", "start", "end", "score"}, ...]}
+Both: GET /v1/models, /health, /metrics (Prometheus text). The other kind's endpoints get 404
+saying what the checkpoint is; /classify on a masked-LM checkpoint (no head) gets 400.
 
-This file is the HTTP layer: it parses a request into `lm.scheduler.Sequence`s (one per prompt
-and choice), submits them to the `lm.scheduler.Scheduler` (continuous batching over
-`--max-batch-size` decode slots, `lm.generate.DecodeSlots`) and answers with the events they
+This file is the HTTP layer. A completions request becomes `lm.scheduler.Sequence`s (one per
+prompt and choice), submitted to the `lm.scheduler.Scheduler` (continuous batching over
+`--max-batch-size` decode slots, `lm.generate.DecodeSlots`), and is answered with the events they
 produce, as JSON or as server-sent events. When the server is idle, the first request waits up
-to `--max-queue-delay-ms` for others to arrive so that they start together. A request that does
-not fit the queue (`--max-queue-size` sequences waiting) gets 429 at once; one not finished
-within `--timeout-s` gets 503 and its slot is freed; a bad request gets 400 naming the field.
-Every accepted request is answered.
+to `--max-queue-delay-ms` for others to arrive so that they start together. An encoder request
+becomes one `lm.batcher.Job` of its rows for the `lm.batcher.Batcher`, whose thread owns the
+encoder: rows of all requests are split and merged into forward batches of up to
+`--max-batch-size` rows, launched when the queue holds a `--preferred-batch-sizes` size (or the
+maximum), else when the oldest has waited `--max-queue-delay-ms`; each batch runs at the
+smallest preferred size that holds it (all compiled at start-up), and every request gets its own
+rows' results. For both, a request that does not fit the queue (`--max-queue-size` sequences,
+or rows, waiting) gets 429 at once; one not finished within `--timeout-s` gets 503 (and is
+cancelled); a bad request gets 400 naming the field; a failed step or batch answers the requests
+in it with 500 and the server goes on. Every accepted request is answered.
 """
 from __future__ import annotations
 
