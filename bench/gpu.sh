@@ -18,6 +18,11 @@
 #             sequences per GPU, sequences/s and MFU beside NVIDIA's 580 seq/s per A100, against
 #             BertForPreTraining (AdamW; MLM head on all positions, and on the 20 masked ones)
 #             (~4 min; BERT_BATCH, BERT_REMAT=none|dots|full, BERT_TIMEOUT)
+#   encoder   bench/encoder_latency.py: BERT-large QA (span head) at batch 1, seq 128, p50 / p99
+#             in bf16 (weights bf16, and fp32 cast per call) and fp32 (TF32) against
+#             BertForQuestionAnswering fp16 / bf16 / fp32 (TF32), then configs/finetune.py:classify
+#             with a BERT-base body: train step fp16 (loss-scaled) vs fp32, batch 32 x 128
+#             (~4 min; ENCODER_RUNS, ENCODER_TIMEOUT)
 # CPU dry run of the same commands, tiny shapes: SHAPE_OVERRIDE=cpu bash bench/gpu.sh gpt2
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -75,6 +80,13 @@ for section in ${@:-llama gpt2 decode}; do
         --batch ${BERT_BATCH:-$([ "$gpu" = 1 ] && echo 64 || echo 8)} --steps ${STEPS:-8} \
         ${BERT_REMAT:+--remat $BERT_REMAT} --peer-head all,masked --peer-python "$py" \
         --json "$OUT/bert.json" 2>&1 | tee "$OUT/bert.log" | grep -v "^  (peer" ;;
-    *) echo "unknown section $section (llama gpt2 precision decode decode-graphs trace bert)"; exit 2 ;;
+    encoder) echo "== encoder"
+      emodel=large; [ "$gpu" = 1 ] || emodel=base  # the CPU dry run: BERT-base fp32, a tiny step
+      timeout ${ENCODER_TIMEOUT:-360} $py bench/encoder_latency.py --models $emodel --seq-len 128 \
+        --dtype $([ "$gpu" = 1 ] && echo bfloat16,float32 || echo float32) --param-dtype compute,float32 \
+        --runs ${ENCODER_RUNS:-$([ "$gpu" = 1 ] && echo 100 || echo 3)} --warmup 3 --train-step \
+        --peer-python "$py" --json "$OUT/encoder_latency.json" 2>&1 | tee "$OUT/encoder.log" \
+        | grep -v "^  (peer" ;;
+    *) echo "unknown section $section (llama gpt2 precision decode decode-graphs trace bert encoder)"; exit 2 ;;
   esac
 done

@@ -107,52 +107,6 @@ def test_tiny_bert_learns_to_fill_masked_tokens(pretrained, data):
     assert ev["eval_mlm_accuracy"] > 2 * baseline
 
 
-FINETUNE_STEPS = 120
-
-
-def finetune_classify(workdir, task_dir, *extra):
-    return subprocess.run(
-        [sys.executable, "-m", "lm.train", "--config", "configs/finetune.py:classify",
-         "--workdir", str(workdir), f"--config.data.path={task_dir}/train.jsonl",
-         f"--config.data.eval_path={task_dir}/dev.jsonl", "--config.train.progress=False",
-         f"--config.train.steps={FINETUNE_STEPS}", f"--config.train.eval_every={FINETUNE_STEPS}",
-         "--config.train.seq_len=64", *extra],
-        capture_output=True, text=True, cwd=ROOT, timeout=900, env=ONE_DEVICE)
-
-
-@pytest.mark.slow
-def test_fine_tuning_the_pretrained_bert_beats_the_majority_class_and_random_init(pretrained,
-                                                                                  tmp_path):
-    """The shipped next-line task (lm.data.downstream), configs/finetune.py:classify for
-    FINETUNE_STEPS steps from the pretrained tiny BERT and, with the same budget, tokenizer and
-    shape, from random initialisation. Stated before running: from pretraining the dev accuracy
-    beats the majority class by >= 0.10 and random initialisation by >= 0.05."""
-    from lm.data import downstream
-    task = downstream.make(str(tmp_path / "task"), train_rows=4000, dev_rows=500)
-    tuned = finetune_classify(tmp_path / "tuned", tmp_path / "task",
-                              f"--config.train.init_from={pretrained}")
-    assert tuned.returncode == 0, tuned.stderr[-3000:]
-    assert "initialised 2 entries" in tuned.stdout  # the classifier; the rest restored
-    scratch = finetune_classify(tmp_path / "scratch", tmp_path / "task",
-                                f"--config.data.tokenizer={pretrained}/tokenizer.json")
-    assert scratch.returncode == 0, scratch.stderr[-3000:]
-    [a], [b] = ([r for r in records(w) if "eval_accuracy" in r]
-                for w in (tmp_path / "tuned", tmp_path / "scratch"))
-    majority = task["dev_majority_accuracy"]
-    print(f"majority {majority:.3f}, pretrained {a}, random init {b}")
-    assert a["eval_accuracy"] >= majority + 0.10
-    assert a["eval_accuracy"] >= b["eval_accuracy"] + 0.05
-    # the checkpoint predicts through lm.predict with its labels
-    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "def f(x):",
-                                                   "text_pair": "return x"}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "lm.predict", "--checkpoint",
-                           str(tmp_path / "tuned"), "--input", str(tmp_path / "in.jsonl")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    [row] = [json.loads(x) for x in proc.stdout.splitlines()]
-    assert row["label"] in ("next", "random") and sum(row["probs"].values()) == \
-        pytest.approx(1, abs=1e-5)
-
-
 SMALL = ["--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=4",
          "--config.model.num_kv_heads=4", "--config.model.mlp_dim=128",
          "--config.train.log_every=1", "--config.train.eval_every=1000",
