@@ -31,7 +31,8 @@ def lm_train(*args: str) -> float:
     start = time.perf_counter()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     proc = subprocess.run([sys.executable, "-m", "lm.train", *args,
-                           "--config.train.progress=False"], cwd=ROOT, env=env, capture_output=True, text=True)
+                           "--config.train.progress=False"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"lm.train {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start

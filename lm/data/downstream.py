@@ -11,10 +11,10 @@ infer from them (ELECTRA's replaced-token detection, per line).
 "next") or, in half the rows, a line of another file (label "random"): what BERT's
 next-sentence pretraining practises. Lines are the non-blank ones of at least MIN_CHARS
 characters, stripped; words are their whitespace-separated parts. Files go to the dev split by
-a hash of their path (never the same file in both), rows are drawn with `--seed`, so the files are the
-same on every machine with the same Python. Writes DIR/train.jsonl and DIR/dev.jsonl, and prints
-the dev split's majority-class accuracy (the baseline a model must beat; 0.5 by construction,
-up to the draw).
+a hash of their path (never the same file in both), rows are drawn with `--seed`, so the files
+are the same on every machine with the same Python. Writes DIR/train.jsonl and DIR/dev.jsonl,
+and prints the dev split's majority-class accuracy (the baseline a model must beat; 0.5 by
+construction, up to the draw).
 """
 from __future__ import annotations
 
