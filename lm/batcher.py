@@ -25,31 +25,44 @@ from collections.abc import Callable, Sequence
 import prometheus_client as prom
 
 
-class EncoderMetrics:
-    """The Prometheus metrics of an encoder server; `requests`, `queue_seconds` and `queue_size`
-    have the names and meaning of the decoder server's (`lm.scheduler.Metrics`), in rows."""
+ENCODER_METRICS = {
+    "lm_request_seconds": (prom.Histogram, "Time from arrival to the answer", ("endpoint",),
+                           (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)),
+    "lm_queue_seconds": (prom.Histogram, "Time from arrival to the request's first batch", (),
+                         (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)),
+    "lm_encoder_batch_size": (prom.Histogram, "Rows in each encoder forward batch", (),
+                              (1, 2, 4, 8, 16, 32, 64, 128, 256)),
+    "lm_encoder_batch_seconds": (prom.Histogram, "Time of each encoder batch", (),
+                                 (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)),
+    "lm_encoder_rows": (prom.Counter, "Rows run by the encoder", ("kind",), None),
+    "lm_encoder_failed_batches": (prom.Counter, "Batches that raised", (), None),
+    "lm_queue_size": (prom.Gauge, "Rows waiting for a batch", (), None),
+}
 
-    def __init__(self):
-        self.registry = r = prom.CollectorRegistry()
-        self.requests = prom.Counter("lm_requests", "HTTP requests by status", ["status"],
-                                     registry=r)
-        self.request_seconds = prom.Histogram(
-            "lm_request_seconds", "Time from arrival to the answer", ["endpoint"], registry=r,
-            buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.queue_seconds = prom.Histogram(
-            "lm_queue_seconds", "Time from arrival to the request's first batch", registry=r,
-            buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.batch_size = prom.Histogram(
-            "lm_encoder_batch_size", "Rows in each encoder forward batch", registry=r,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.batch_seconds = prom.Histogram(
-            "lm_encoder_batch_seconds", "Time of each encoder batch", registry=r,
-            buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.rows = prom.Counter("lm_encoder_rows", "Rows run by the encoder", ["kind"],
-                                 registry=r)
-        self.failed_batches = prom.Counter("lm_encoder_failed_batches", "Batches that raised",
-                                           registry=r)
-        self.queue_size = prom.Gauge("lm_queue_size", "Rows waiting for a batch", registry=r)
+
+class EncoderMetrics:
+    """The Prometheus metrics of one served encoder (`ENCODER_METRICS`, labelled model_name) in
+    `registry` (a new one by default), as attributes: request_seconds (.labels(endpoint)),
+    queue_seconds, batch_size, batch_seconds, rows (.labels(kind)), failed_batches,
+    queue_size."""
+
+    def __init__(self, model_name: str = "model", registry: prom.CollectorRegistry | None = None):
+        from lm.scheduler import family
+        self.registry = registry if registry is not None else prom.CollectorRegistry()
+        for name, (kind, doc, extra, buckets) in ENCODER_METRICS.items():
+            f = family(self.registry, name, kind, doc, ("model_name",) + extra, buckets)
+            labelled = _Labelled(f, model_name) if extra else f.labels(model_name=model_name)
+            setattr(self, name.removeprefix("lm_").removeprefix("encoder_"), labelled)
+
+
+class _Labelled:
+    """A family with its model_name label fixed: `.labels(x)` fills the other one."""
+
+    def __init__(self, family, model_name: str):
+        self.family, self.model_name = family, model_name
+
+    def labels(self, value):
+        return self.family.labels(self.model_name, value)
 
 
 @dataclasses.dataclass(eq=False)
@@ -65,9 +78,15 @@ class Job:
     taken: int = 0  # rows handed to batches
     done: int = 0  # rows answered
     cancelled: bool = False
+    notify: Callable[[], None] | None = None  # called (from the batcher's thread) when finished
 
     def __post_init__(self):
         self.results = [None] * len(self.rows)
+
+    def finish(self) -> None:
+        self.finished.set()
+        if self.notify is not None:
+            self.notify()
 
 
 class Batcher:
@@ -109,7 +128,7 @@ class Batcher:
         `max_queue_size` rows)."""
         job = Job(kind, list(rows), time.monotonic() if arrival is None else arrival)
         if not job.rows:
-            job.finished.set()
+            job.finish()
             return job
         with self.cond:
             if self.queued + len(job.rows) > self.max_queue_size:
@@ -230,7 +249,7 @@ class Batcher:
             k += hi - lo
             job.done += hi - lo
             if job.done == len(job.rows) and job.error is None:
-                job.finished.set()
+                job.finish()
 
     def _fail(self, pieces: list[tuple[Job, int, int]], message: str) -> None:
         """Answers the jobs with rows in a failed batch with `message` (their rows still
@@ -242,4 +261,4 @@ class Batcher:
                 if job.error is None:
                     job.error = message
                     self._withdraw(job)
-                    job.finished.set()
+                    job.finish()

@@ -1,269 +1,692 @@
-"""An OpenAI-compatible HTTP server: continuous batching (decoders), dynamic batching (encoders).
+"""An OpenAI- and vLLM-compatible HTTP server (FastAPI + uvicorn): continuous batching
+(decoders), dynamic batching (encoders), several models in one process.
 
-    python -m lm.serve (--checkpoint DIR | --export DIR) [--host 127.0.0.1] [--port 8000]
-        [--max-batch-size 8] [--max-queue-delay-ms 5] [--max-queue-size 256] [--timeout-s 60]
-        [--quantize int8] [--kv-cache int8] [--data N --tensor N]     (decoders)
+    python -m lm.serve (--checkpoint DIR | --export DIR | --model NAME=DIR ...) [--host 127.0.0.1]
+        [--port 8000] [--model-name NAME] [--max-batch-size 8] [--max-queue-delay-ms 5]
+        [--max-queue-size 256] [--timeout-s 60] [--max-body-mb 16] [--read-timeout-s 30]
+        [--max-connections 1024] [--quantize int8] [--kv-cache int8] [--data N --tensor N]
         [--preferred-batch-sizes 4,8]                                  (encoders)
 
-A decoder checkpoint (or an export):
-    POST /v1/completions   prompt (text, token ids, or a list of either), max_tokens, temperature,
-                           top_p, top_k (extension), stop, seed, n, stream (server-sent events)
-An encoder checkpoint (model.style bert, or task classify / span of any style; lm.finetune's
-`Encoder`):
-    POST /v1/embeddings    OpenAI's: input (a string or a list of strings), model,
-                           encoding_format (float / base64), dimensions (only the model's)
-                           -> {"object": "list", "data": [{"object": "embedding", "index",
-                           "embedding"}], "model", "usage"}: the pooled vectors
-    POST /classify         {"inputs": [{"text", "text_pair"?} or a string, ...]} (classify) or
-                           [{"question", "context"}, ...] (span) -> {"model", "results":
-                           [{"label", "probs"} or {"answer", "start", "end", "score"}, ...]}
-Both: GET /v1/models, /health, /metrics (Prometheus text). The other kind's endpoints get 404
-saying what the checkpoint is; /classify on a masked-LM checkpoint (no head) gets 400.
+Routes (`lm.protocol` parses the bodies; docs/serving.md has every field):
+    POST /v1/completions        decoders: prompt, max_tokens, temperature, top_p, top_k, n, seed,
+                                stop (any number), logprobs (<= 20), echo, presence_penalty,
+                                frequency_penalty, repetition_penalty, logit_bias, ignore_eos,
+                                stop_token_ids, stream, stream_options.include_usage
+    POST /v1/chat/completions   decoders: messages rendered by the model's chat template
+                                (`lm.chat`), the same sampling fields, logprobs + top_logprobs
+    POST /tokenize, /detokenize vLLM's
+    POST /v1/embeddings         encoders (OpenAI's), POST /classify (classify / span heads)
+    GET  /v1/models, /health, /metrics (Prometheus: vLLM's names, by model_name), /version
+A request's `model` picks the served model (404 if none has that name; absent: the first).
 
-This file is the HTTP layer. A completions request becomes `lm.scheduler.Sequence`s (one per
-prompt and choice), submitted to the `lm.scheduler.Scheduler` (continuous batching over
-`--max-batch-size` decode slots, `lm.generate.DecodeSlots`), and is answered with the events they
-produce, as JSON or as server-sent events. When the server is idle, the first request waits up
-to `--max-queue-delay-ms` for others to arrive so that they start together. An encoder request
-becomes one `lm.batcher.Job` of its rows for the `lm.batcher.Batcher`, whose thread owns the
-encoder: rows of all requests are split and merged into forward batches of up to
-`--max-batch-size` rows, launched when the queue holds a `--preferred-batch-sizes` size (or the
-maximum), else when the oldest has waited `--max-queue-delay-ms`; each batch runs at the
-smallest preferred size that holds it (all compiled at start-up), and every request gets its own
-rows' results. For both, a request that does not fit the queue (`--max-queue-size` sequences,
-or rows, waiting) gets 429 at once; one not finished within `--timeout-s` gets 503 (and is
-cancelled); a bad request gets 400 naming the field; a failed step or batch answers the requests
-in it with 500 and the server goes on. Every accepted request is answered.
+Every failure is an OpenAI-shaped JSON error (`{"error": {message, type, param, code}}`) with
+its status, counted in `lm_requests_total{status}`: 400 naming the field, 404 (route, model),
+408 (a body not received within --read-timeout-s), 413 (a body over --max-body-mb, refused
+before it is read), 429 (the queue is full), 503 (not finished within --timeout-s, or the
+scheduler has stopped), 500 (a failed step). A connection that sends no complete request
+headers within --read-timeout-s is closed; beyond --max-connections uvicorn answers 503.
+SIGTERM / Ctrl-C: stop accepting, finish every accepted request (streams included, up to
+--timeout-s), then exit.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import dataclasses
 import json
 import os
-import queue
-import secrets
-import signal
+import socket
 import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jax
 import numpy as np
 import prometheus_client as prom
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm import sharding
 from lm.batcher import Batcher, EncoderMetrics
 from lm.config import ConfigError, MeshConfig
 from lm.export import load as load_export
-from lm.generate import DecodeSlots, Engine, SamplingParams, default_stop_ids
-from lm.scheduler import Metrics, Scheduler, Sequence
+from lm.generate import DecodeSlots, Engine, default_stop_ids
+from lm.protocol import (ROW_FIELDS, BadRequest, Completion, chat_logprobs, completion_logprobs,
+                         parse_chat, parse_classify, parse_completion, parse_detokenize,
+                         parse_embeddings, parse_json, parse_tokenize, token_text, usage)
+from lm.scheduler import Metrics, Scheduler, SchedulerDown, Sequence, TokenLogprob
+
+VERSION = "0.1.0"
+COUNTED = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/classify")
 
 
 # ---------------------------------------------------------------------------------------------
-# Requests
+# Served models
 
 
-class BadRequest(ValueError):
-    """A request a client can fix: 400, naming the field (`param`)."""
+@dataclasses.dataclass(eq=False)
+class DecoderModel:
+    """A decoder behind its scheduler (its own slots); `template`: an `lm.chat.ChatTemplate`."""
+    name: str
+    scheduler: Scheduler
+    vocab_size: int
+    template: object = None
+    root: str = ""
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    kind = "decoder"
 
-    def __init__(self, param: str | None, message: str):
-        super().__init__(message)
-        self.param = param
+    @property
+    def tokenizer(self):
+        return self.scheduler.tokenizer
 
+    @property
+    def max_len(self) -> int:
+        return self.scheduler.slots.max_len
 
-FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n",
-          "stream", "user", "stream_options"}
-# Accepted only with the value that changes nothing.
-UNSUPPORTED = {"logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-               "logit_bias": (None, {}), "suffix": (None, "")}
+    @property
+    def worker(self):
+        return self.scheduler
 
+    def health(self) -> dict:
+        s = self.scheduler
+        return {"status": "ok" if s.alive else f"scheduler stopped: {s.crashed}",
+                "slots": s.slots.num_slots, "failed_steps": s.failures,
+                "slots_in_use": len(s.active), "queue": len(s.waiting)}
 
-def _number(body, name, default, lo, hi, integer=False, lo_open=False):
-    x = body.get(name, default)
-    if x is None:
-        return default
-    kind = "an integer" if integer else "a number"
-    if isinstance(x, bool) or not isinstance(x, int if integer else (int, float)):
-        raise BadRequest(name, f"{name} must be {kind}, got {json.dumps(x)}")
-    if x < lo or x > hi or (lo_open and x == lo):
-        low = f"> {lo}" if lo_open else f">= {lo}"
-        raise BadRequest(name, f"{name} must be {low} and <= {hi}, got {x}")
-    return x
-
-
-def parse_request(body, tokenizer, vocab_size: int, max_len: int, max_n: int):
-    """(prompts as token ids, SamplingParams per choice, n, stream) from a completions body;
-    BadRequest naming the field otherwise."""
-    if not isinstance(body, dict):
-        raise BadRequest(None, "the request body must be a JSON object")
-    for name in sorted(set(body) - FIELDS):
-        if name in UNSUPPORTED:
-            if any(body[name] == v and type(body[name]) is type(v) for v in UNSUPPORTED[name]):
-                continue
-            raise BadRequest(name, f"{name}={json.dumps(body[name])} is not supported by this "
-                             "server")
-        raise BadRequest(name, f"unknown field {name!r}; known: {', '.join(sorted(FIELDS))}")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or options.get("include_usage"):
-        raise BadRequest("stream_options", "stream_options.include_usage is not supported")
-    if "prompt" not in body:
-        raise BadRequest("prompt", "prompt is required (a string, a list of token ids, or a "
-                         "list of either)")
-    prompts = _prompts(body["prompt"], tokenizer, vocab_size)
-    for p in prompts:
-        if len(p) >= max_len:
-            raise BadRequest("prompt", f"the prompt has {len(p)} tokens; the model's context is "
-                             f"{max_len} (the prompt must leave room for a generated token)")
-    longest = max(len(p) for p in prompts)
-    room = max_len - longest
-    max_tokens = _number(body, "max_tokens", min(16, room), 1, 2 ** 31, integer=True)
-    if max_tokens > room:
-        raise BadRequest("max_tokens", f"max_tokens is {max_tokens}, but the prompt has "
-                         f"{longest} tokens and the model's context is {max_len}: at most "
-                         f"{room}")
-    temperature = _number(body, "temperature", 1.0, 0, 2)
-    top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
-    top_k = _number(body, "top_k", 0, 0, vocab_size, integer=True)
-    n = _number(body, "n", 1, 1, max_n, integer=True)
-    if len(prompts) * n > max_n:
-        raise BadRequest("n", f"{len(prompts)} prompts x n={n} sequences exceed what the server "
-                         f"queues at once ({max_n})")
-    seed = _number(body, "seed", None, 0, 2 ** 32 - 1 - n, integer=True)
-    if seed is None:
-        seed = secrets.randbelow(2 ** 31)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream", f"stream must be true or false, got {json.dumps(stream)}")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
-    if (not isinstance(stop, list) or len(stop) > 4
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise BadRequest("stop", "stop must be a non-empty string or a list of up to 4")
-    if stop and tokenizer is None:
-        raise BadRequest("stop", "stop strings need a tokenizer; this model has none")
-    for name in ("model", "user"):
-        if name in body and not isinstance(body[name], str):
-            raise BadRequest(name, f"{name} must be a string")
-    sampling = [SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature),
-                               top_k=top_k, top_p=float(top_p), seed=seed + j, stop=tuple(stop))
-                for j in range(n)]
-    return prompts, sampling, n, stream
+    def card(self) -> dict:
+        return {}
 
 
-def _prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
-    def one(p):
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise BadRequest("prompt", "this model has no tokenizer: send token ids as the "
-                                 "prompt")
-            ids = [int(t) for t in tokenizer.encode_prompt(p)]
-        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                         for t in p):
-            ids = p
-            if any(not 0 <= t < vocab_size for t in ids):
-                raise BadRequest("prompt", f"prompt token ids must be in [0, {vocab_size})")
+@dataclasses.dataclass(eq=False)
+class EncoderModel:
+    """An `lm.finetune.Encoder` behind its started `lm.batcher.Batcher`."""
+    name: str
+    encoder: object
+    batcher: Batcher
+    root: str = ""
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    kind = "encoder"
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    @property
+    def max_len(self) -> int:
+        return self.encoder.cfg.max_len
+
+    @property
+    def worker(self):
+        return self.batcher
+
+    def health(self) -> dict:
+        b = self.batcher
+        alive = b.thread.is_alive()
+        return {"status": "ok" if alive else "batcher stopped", "task": self.encoder.task.name,
+                "max_batch_size": b.max_batch_size, "preferred_batch_sizes": list(b.preferred),
+                "queue": b.queued, "running": b.running, "batches": b.batches,
+                "failed_batches": b.failures}
+
+    def card(self) -> dict:
+        enc = self.encoder
+        out = {"task": enc.task.name, "dimensions": enc.cfg.d_model,
+               "max_input_tokens": enc.seq_len}
+        if enc.task.name == "classify":
+            out["labels"] = enc.labels
+        return out
+
+
+class AsyncEvents:
+    """A sequence's event queue, filled from the scheduler's thread, read by the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is waiting
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+
+
+@dataclasses.dataclass
+class Limits:
+    timeout_s: float = 60.0  # a request's whole life
+    max_body_bytes: int = 16 << 20
+    read_timeout_s: float = 30.0  # headers and body
+
+
+class App:
+    """The routes over `models` (the first is the default). `app.fastapi` is the ASGI app."""
+
+    def __init__(self, models: list, limits: Limits = Limits(),
+                 registry: prom.CollectorRegistry | None = None):
+        if not models:
+            raise ValueError("serve at least one model")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"model names must differ, got {names}")
+        self.models = {m.name: m for m in models}
+        self.default = models[0]
+        self.limits = limits
+        self.registry = registry if registry is not None else prom.CollectorRegistry()
+        self.requests = prom.Counter("lm_requests", "HTTP requests by status", ["status"],
+                                     registry=self.registry)
+        self.fastapi = self._routes(FastAPI(title="lm.serve", version=VERSION, docs_url=None,
+                                            redoc_url=None, openapi_url=None))
+
+    # Errors and bodies
+
+    def error(self, path: str, status: int, message: str, param=None,
+              kind="invalid_request_error", close: bool = False) -> JSONResponse:
+        if path in COUNTED:
+            self.requests.labels(str(status)).inc()
+        headers = {"Connection": "close"} if close else None
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                       "code": status}}, status, headers=headers)
+
+    def ok(self, path: str, obj) -> JSONResponse:
+        if path in COUNTED:
+            self.requests.labels("200").inc()
+        return JSONResponse(obj)
+
+    async def body(self, request: Request):
+        """The JSON body: 413 above the size limit (before reading it when Content-Length says
+        so), 408 when it does not arrive within the read timeout."""
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise BadRequest(None, f"invalid Content-Length {length!r}")
+            if int(length) > limit:
+                raise BadRequest(None, f"the request body is {int(length)} bytes; this server "
+                                 f"takes at most {limit} (--max-body-mb)", 413,
+                                 "request_too_large")
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(None, f"the request body exceeds {limit} bytes "
+                                     "(--max-body-mb)", 413, "request_too_large")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        try:
+            raw = await asyncio.wait_for(read(), self.limits.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise BadRequest(None, f"the request body did not arrive within "
+                             f"{self.limits.read_timeout_s} s", 408, "timeout") from None
+        return parse_json(raw)
+
+    def model(self, body, kind: str | None = None):
+        """The model a request names (404 if none), checked to be of `kind`."""
+        name = body.get("model") if isinstance(body, dict) else None
+        if name is None:
+            model = self.default
+        elif not isinstance(name, str):
+            raise BadRequest("model", "model must be a string")
+        elif name not in self.models:
+            raise BadRequest("model", f"the model `{name}` does not exist; this server serves "
+                             f"{', '.join(self.models)}", 404, "not_found_error")
         else:
-            raise BadRequest("prompt", "prompt must be a string, a list of token ids, or a list "
-                             "of either")
-        if not ids:
-            raise BadRequest("prompt", "prompt is empty")
-        return ids
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        return [one(p) for p in prompt]
-    return [one(prompt)]
+            model = self.models[name]
+        if kind is not None and model.kind != kind:
+            what = (f"an encoder checkpoint (task {model.encoder.task.name})"
+                    if model.kind == "encoder" else "a decoder (text generation) checkpoint")
+            raise BadRequest("model", f"the model `{model.name}` is {what}, which has no "
+                             f"such route; {_routes_of(model)}", 404, "not_found_error")
+        return model
+
+    def _routes(self, api: FastAPI) -> FastAPI:
+        handlers = {"/v1/completions": self.completions,
+                    "/v1/chat/completions": self.chat,
+                    "/v1/embeddings": self.embeddings, "/classify": self.classify,
+                    "/tokenize": self.tokenize, "/detokenize": self.detokenize}
+        for path, handler in handlers.items():
+            api.add_api_route(path, self._guarded(path, handler), methods=["POST"])
+        api.add_api_route("/health", self.health, methods=["GET"])
+        api.add_api_route("/metrics", self.metrics, methods=["GET"])
+        api.add_api_route("/v1/models", self.list_models, methods=["GET"])
+        api.add_api_route("/version", lambda: {"version": VERSION}, methods=["GET"])
+
+        @api.exception_handler(StarletteHTTPException)
+        async def not_found(request: Request, exc: StarletteHTTPException):
+            path = request.url.path
+            if exc.status_code in (404, 405):
+                return self.error(path, exc.status_code, f"no route {request.method} {path}; "
+                                  f"{_routes_of(self.default)}", kind="not_found")
+            return self.error(path, exc.status_code, str(exc.detail), kind="server_error")
+        return api
+
+    def _guarded(self, path: str, handler):
+        """`handler(request, path)` with every exception turned into an error response."""
+        async def route(request: Request):
+            try:
+                return await handler(request, path)
+            except BadRequest as e:
+                return self.error(path, e.status, str(e), e.param, e.kind,
+                                  close=e.status in (408, 413))
+            except SchedulerDown as e:
+                return self.error(path, 503, str(e), kind="server_error")
+            except Exception as e:  # noqa: BLE001 (a bug answers 500, the server goes on)
+                return self.error(path, 500, f"{type(e).__name__}: {e}", kind="server_error")
+        return route
+
+    # GET routes
+
+    async def health(self):
+        models = {name: m.health() for name, m in self.models.items()}
+        ok = all(h["status"] == "ok" for h in models.values())
+        return JSONResponse(models[self.default.name] | {"models": models}, 200 if ok else 503)
+
+    async def metrics(self):
+        return Response(prom.generate_latest(self.registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+    async def list_models(self):
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "lm",
+             "root": m.root, "parent": None, "max_model_len": m.max_len, "permission": []}
+            | m.card() for m in self.models.values()]}
+
+    # Decoders
+
+    async def completions(self, request: Request, path: str):
+        body = await self.body(request)
+        model = self.model(body, "decoder")
+        s = model.scheduler
+        req = parse_completion(body, model.tokenizer, model.vocab_size, model.max_len,
+                               s.max_queue_size, default_stop_ids(model.tokenizer))
+        if req.echo and not getattr(s.slots, "can_score", False):
+            raise BadRequest("echo", "echo (prompt logprobs) needs a checkpoint; this model is "
+                             "served from an export, which has no scoring function")
+        return await self._generate(path, model, req, chat=False)
+
+    async def chat(self, request: Request, path: str):
+        body = await self.body(request)
+        model = self.model(body, "decoder")
+        req, _ = parse_chat(body, model.template, model.tokenizer, model.vocab_size,
+                            model.max_len, model.scheduler.max_queue_size,
+                            default_stop_ids(model.tokenizer))
+        return await self._generate(path, model, req, chat=True)
+
+    async def _generate(self, path: str, model: DecoderModel, req: Completion, chat: bool):
+        arrival = time.monotonic()
+        events, cancelled = AsyncEvents(asyncio.get_running_loop()), threading.Event()
+        seqs = [Sequence(i * req.n + j, p, req.sampling[j], events, arrival, cancelled,
+                         logprobs=req.logprobs, echo=req.echo, stop_ids=req.stop_ids)
+                for i, p in enumerate(req.prompts) for j in range(req.n)]
+        if not model.scheduler.submit(seqs):
+            raise BadRequest(None, f"the queue is full ({model.scheduler.max_queue_size} "
+                             "sequences waiting); retry later", 429, "rate_limit_error")
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": model.name}
+        run = Run(self, path, model, req, seqs, head, arrival + self.limits.timeout_s, chat)
+        if req.stream:
+            return StreamingResponse(run.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await run.complete()
+
+    async def tokenize(self, request: Request, path: str):
+        body = await self.body(request)
+        model = self.model(body)
+        ids, _ = parse_tokenize(body, model.tokenizer, getattr(model, "template", None))
+        out = {"count": len(ids), "max_model_len": model.max_len, "tokens": ids,
+               "token_strs": None}
+        if body.get("return_token_strs"):
+            out["token_strs"] = [token_text(model.tokenizer, t) for t in ids]
+        return self.ok(path, out)
+
+    async def detokenize(self, request: Request, path: str):
+        body = await self.body(request)
+        model = self.model(body)
+        if model.tokenizer is None:
+            raise BadRequest(None, "this model has no tokenizer")
+        ids = parse_detokenize(body, model.tokenizer.vocab_size)
+        return self.ok(path, {"prompt": model.tokenizer.decode(np.asarray(ids, np.int32))})
+
+    # Encoders
+
+    async def _batched(self, model: EncoderModel, kind: str, rows: list, path: str) -> list:
+        """The results of `rows` through the model's batcher (429: the queue is full; 503: not
+        answered within --timeout-s, then cancelled; 500: its batch failed)."""
+        b = model.batcher
+        arrival = time.monotonic()
+        loop, done = asyncio.get_running_loop(), asyncio.Event()
+        job = b.submit(kind, rows, arrival)
+        if job is None:
+            raise BadRequest(None, f"the queue is full ({b.max_queue_size} rows waiting at most, "
+                             f"{b.queued} now); retry later", 429, "rate_limit_error")
+        job.notify = lambda: loop.call_soon_threadsafe(done.set)
+        if job.finished.is_set():
+            done.set()
+        try:
+            await asyncio.wait_for(done.wait(), max(0.0, arrival + self.limits.timeout_s
+                                                    - time.monotonic()))
+        except asyncio.TimeoutError:
+            b.cancel(job)
+            raise BadRequest(None, f"the request was not finished within "
+                             f"{self.limits.timeout_s} s (queue and forward); it was cancelled",
+                             503, "timeout") from None
+        if job.error is not None:
+            raise BadRequest(None, job.error, 500, "server_error")
+        b.metrics.request_seconds.labels(path).observe(time.monotonic() - arrival)
+        return job.results
+
+    async def embeddings(self, request: Request, path: str):
+        from lm.finetune import encode_classify
+        body = await self.body(request)
+        model = self.model(body, "encoder")
+        enc = model.encoder
+        texts, fmt = parse_embeddings(body, enc.cfg.d_model, model.batcher.max_queue_size)
+        tokens = sum(len(encode_classify(enc.tokenizer, t, None, enc.seq_len)[0])
+                     for t in texts)
+        vectors = await self._batched(model, "embed", texts, path)
+        data = []
+        for i, v in enumerate(vectors):
+            v = np.asarray(v, "<f4")
+            data.append({"object": "embedding", "index": i, "embedding": (
+                base64.b64encode(v.tobytes()).decode() if fmt == "base64" else v.tolist())})
+        return self.ok(path, {"object": "list", "data": data, "model": model.name,
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def classify(self, request: Request, path: str):
+        body = await self.body(request)
+        model = self.model(body, "encoder")
+        task = model.encoder.task.name
+        if task not in ROW_FIELDS:
+            raise BadRequest(None, f"this checkpoint is task {task!r} (a masked-LM encoder "
+                             "without a classification or span head): /classify needs a "
+                             "task classify or span checkpoint; /v1/embeddings serves its "
+                             "pooled vectors")
+        rows = parse_classify(body, task, model.batcher.max_queue_size)
+        results = await self._batched(model, "classify" if task == "classify" else "answer",
+                                      rows, path)
+        return self.ok(path, {"model": model.name, "results": results})
 
 
-# Encoder requests: /v1/embeddings and /classify
-
-EMBEDDING_FIELDS = {"input", "model", "encoding_format", "dimensions", "user"}
-CLASSIFY_FIELDS = {"inputs", "model"}
-ROW_FIELDS = {"classify": ("text", "text_pair"), "span": ("question", "context")}
-
-
-def _fields(body, known: set[str]) -> None:
-    if not isinstance(body, dict):
-        raise BadRequest(None, "the request body must be a JSON object")
-    for name in sorted(set(body) - known):
-        raise BadRequest(name, f"unknown field {name!r}; known: {', '.join(sorted(known))}")
-    for name in ("model", "user"):
-        if name in body and not isinstance(body[name], str):
-            raise BadRequest(name, f"{name} must be a string")
+def _routes_of(model) -> str:
+    if model.kind == "encoder":
+        return "this model serves POST /v1/embeddings, /classify, /tokenize, /detokenize"
+    return ("this model serves POST /v1/completions, /v1/chat/completions, /tokenize, "
+            "/detokenize")
 
 
-def parse_embeddings(body, dim: int, max_rows: int) -> tuple[list[str], str]:
-    """(the input texts, the encoding format) of an /v1/embeddings body (OpenAI's); BadRequest
-    naming the field otherwise."""
-    _fields(body, EMBEDDING_FIELDS)
-    if "input" not in body:
-        raise BadRequest("input", "input is required (a string or a list of strings)")
-    texts = body["input"]
-    texts = [texts] if isinstance(texts, str) else texts
-    if not isinstance(texts, list) or not texts:
-        raise BadRequest("input", "input must be a string or a non-empty list of strings")
-    for i, t in enumerate(texts):
-        if isinstance(t, int) or (isinstance(t, list) and t and isinstance(t[0], int)):
-            raise BadRequest("input", "input as token ids is not supported by this server: "
-                             "send text")
-        if not isinstance(t, str):
-            raise BadRequest("input", f"input[{i}] must be a string, got {json.dumps(t)}")
-        if not t:
-            raise BadRequest("input", f"input[{i}] is an empty string")
-    if len(texts) > max_rows:
-        raise BadRequest("input", f"{len(texts)} inputs exceed what the server queues at once "
-                         f"({max_rows} rows)")
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ("float", "base64"):
-        raise BadRequest("encoding_format", f"encoding_format must be 'float' or 'base64', got "
-                         f"{json.dumps(fmt)}")
-    dims = body.get("dimensions")
-    if dims is not None and (isinstance(dims, bool) or dims != dim):
-        raise BadRequest("dimensions", f"dimensions: this model's embeddings have {dim} "
-                         f"dimensions and cannot be shortened, got {json.dumps(dims)}")
-    return texts, fmt
+class Run:
+    """One completions / chat request in flight: its sequences' events turned into the JSON
+    answer (`complete`) or server-sent events (`stream`)."""
+
+    def __init__(self, app: App, path: str, model: DecoderModel, req: Completion, seqs, head,
+                 deadline: float, chat: bool):
+        self.app, self.path, self.model, self.req, self.seqs = app, path, model, req, seqs
+        self.head, self.deadline, self.chat = head, deadline, chat
+        self.tok = model.tokenizer
+        self.prompts: dict[int, object] = {}  # index -> Scored (echo)
+        self.logprobs: dict[int, list[TokenLogprob]] = {s.index: [] for s in seqs}
+        self.prompt_chars: dict[int, int] = {}  # echo: generated text_offsets follow these
+
+    async def events(self):
+        """(index, kind, value) until every sequence is done; None when the deadline passes
+        (the sequences are cancelled)."""
+        open_, q = len(self.seqs), self.seqs[0].events.queue
+        while open_:
+            try:
+                item = await asyncio.wait_for(q.get(), max(0.0, self.deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                self.seqs[0].cancelled.set()
+                yield None
+                return
+            if item[1] in ("done", "error"):
+                open_ -= 1
+            yield item
+
+    def _usage(self) -> dict:
+        return usage(sum(len(p) for p in self.req.prompts) * self.req.n,
+                     sum(len(s.ids) for s in self.seqs))
+
+    def _echo_entries(self, seq) -> tuple[str, list]:
+        """The prompt's text and TokenLogprobs (the first token has no logprob)."""
+        scored, stream = self.prompts[seq.index], self.tok.stream() if self.tok else None
+        entries = []
+        for i, t in enumerate(seq.prompt):
+            offset = len(stream.text) if stream is not None else 0
+            if stream is not None:
+                stream.push(t)
+            lp = scored.token_logprobs[i]
+            top = [] if lp is None else list(zip(scored.top_ids[i][:self.req.logprobs or 0],
+                                                  scored.top_logprobs[i][:self.req.logprobs
+                                                                         or 0]))
+            entries.append(TokenLogprob(t, lp, top, offset))
+        return (stream.text if stream is not None else ""), entries
+
+    def _choice(self, seq) -> dict:
+        if self.chat:
+            choice = {"index": seq.index, "message": {"role": "assistant", "content": seq.text},
+                      "finish_reason": seq.finish_reason, "logprobs": None}
+            if self.req.logprobs is not None:
+                choice["logprobs"] = chat_logprobs(self.tok, self.logprobs[seq.index])
+            return choice
+        text, entries = seq.text, self.logprobs[seq.index]
+        lp = None if self.req.logprobs is None else completion_logprobs(self.tok, entries)
+        if self.req.echo:
+            prompt_text, prompt_entries = self._echo_entries(seq)
+            text = prompt_text + text
+            if lp is not None:
+                lp = _joined(completion_logprobs(self.tok, prompt_entries),
+                             completion_logprobs(self.tok, entries, len(prompt_text)))
+        return {"index": seq.index, "text": text, "finish_reason": seq.finish_reason,
+                "logprobs": lp, "token_ids": seq.ids}
+
+    async def complete(self):
+        errors = []
+        async for item in self.events():
+            if item is None:
+                return self.app.error(self.path, 503, f"the request was not finished within "
+                                      f"{self.app.limits.timeout_s} s (queue and generation); "
+                                      "it was cancelled", kind="timeout")
+            index, kind, value = item
+            if kind == "error":
+                errors.append(value)
+            elif kind == "prompt":
+                self.prompts[index] = value
+            elif kind == "delta":
+                self.logprobs[index] += value.logprobs
+        if errors:
+            return self.app.error(self.path, 500, errors[0], kind="server_error")
+        return self.app.ok(self.path, self.head | {
+            "choices": [self._choice(s) for s in self.seqs], "usage": self._usage()})
+
+    def _chunk(self, index: int, text: str, logprobs, finish=None, first=False) -> dict:
+        head = self.head | {"object": "chat.completion.chunk"} if self.chat else self.head
+        if self.chat:
+            delta = ({"role": "assistant", "content": ""} if first else
+                     {} if finish else {"content": text})
+            lp = None if self.req.logprobs is None or finish or first else chat_logprobs(
+                self.tok, logprobs)
+            return head | {"choices": [{"index": index, "delta": delta, "logprobs": lp,
+                                        "finish_reason": finish}]}
+        return head | {"choices": [{"index": index, "text": text, "finish_reason": finish,
+                                    "logprobs": logprobs, "token_ids": None if finish else []}]}
+
+    async def stream(self):
+        """Server-sent events: chunks per token (after an echo's prompt chunk), a finish chunk
+        per choice, the usage chunk (stream_options.include_usage), then [DONE]. A timeout or
+        failure ends the stream with an error event, counted by its status."""
+        status = 200
+        try:
+            if self.chat:
+                for s in self.seqs:
+                    yield _sse(self._chunk(s.index, "", None, first=True))
+            async for item in self.events():
+                if item is None:
+                    status = 503
+                    yield _sse({"error": {"message": "timed out; cancelled", "type": "timeout",
+                                          "code": 503}})
+                    break
+                index, kind, value = item
+                if kind == "prompt":
+                    self.prompts[index] = value
+                    seq = next(s for s in self.seqs if s.index == index)
+                    text, entries = self._echo_entries(seq)
+                    self.prompt_chars[index] = len(text)
+                    lp = (None if self.req.logprobs is None
+                          else completion_logprobs(self.tok, entries))
+                    yield _sse(self._chunk(index, text, lp))
+                elif kind == "delta":
+                    offset = self.prompt_chars.get(index, 0)
+                    if self.chat:
+                        yield _sse(self._chunk(index, value.text, value.logprobs))
+                    else:
+                        lp = (None if self.req.logprobs is None else
+                              completion_logprobs(self.tok, value.logprobs, offset))
+                        chunk = self._chunk(index, value.text, lp)
+                        chunk["choices"][0]["token_ids"] = value.ids
+                        yield _sse(chunk)
+                elif kind == "done":
+                    yield _sse(self._chunk(index, "", None, finish=value))
+                else:
+                    status = 500
+                    yield _sse({"error": {"message": value, "type": "server_error",
+                                          "code": 500}})
+            if self.req.include_usage and status == 200:
+                head = self.head | ({"object": "chat.completion.chunk"} if self.chat else {})
+                yield _sse(head | {"choices": [], "usage": self._usage()})
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.seqs[0].cancelled.set()  # the client left, or all done: frees any slot
+            self.app.requests.labels(str(status)).inc()
 
 
-def parse_classify(body, task: str, max_rows: int) -> list[dict]:
-    """The rows of a /classify body: {"text", "text_pair"?} for a classify model (a bare
-    string is {"text": it}), {"question", "context"} for a span model; BadRequest naming the
-    field otherwise."""
-    _fields(body, CLASSIFY_FIELDS)
-    if "inputs" not in body:
-        raise BadRequest("inputs", "inputs is required (a list of objects, or of strings)")
-    inputs = body["inputs"]
-    inputs = [inputs] if isinstance(inputs, (str, dict)) else inputs
-    if not isinstance(inputs, list) or not inputs:
-        raise BadRequest("inputs", "inputs must be a non-empty list")
-    if len(inputs) > max_rows:
-        raise BadRequest("inputs", f"{len(inputs)} inputs exceed what the server queues at "
-                         f"once ({max_rows} rows)")
-    keys = ROW_FIELDS[task]
-    rows = []
-    for i, row in enumerate(inputs):
-        where = f"inputs[{i}]"
-        if isinstance(row, str) and task == "classify":
-            row = {"text": row}
-        if not isinstance(row, dict):
-            form = ('{"text": ..., "text_pair": ... (optional)} or a string' if task == "classify"
-                    else '{"question": ..., "context": ...}')
-            raise BadRequest(where, f"{where} must be {form}, got {json.dumps(row)[:80]}")
-        for name in sorted(set(row) - set(keys)):
-            raise BadRequest(f"{where}.{name}", f"{where}.{name}: unknown field; a {task} model "
-                             f"reads {', '.join(keys)}")
-        for name in keys:
-            x = row.get(name)
-            if name == "text_pair" and x is None:
-                continue
-            if name not in row:
-                raise BadRequest(f"{where}.{name}", f"{where}.{name} is required")
-            if not isinstance(x, str) or not x.strip():
-                raise BadRequest(f"{where}.{name}", f"{where}.{name} must be a non-empty "
-                                 f"string, got {json.dumps(x)[:80]}")
-        rows.append({k: row[k] for k in keys if row.get(k) is not None})
-    return rows
+def _joined(a: dict, b: dict) -> dict:
+    """Two legacy `logprobs` objects, one after the other."""
+    return {k: a[k] + b[k] for k in a}
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP server
+
+
+def protocol_class(read_timeout_s: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a complete request's
+    headers within `read_timeout_s` (uvicorn itself only times out idle kept-alive ones)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._headers_timer = self.loop.call_later(read_timeout_s, self._no_request)
+
+        def _no_request(self):
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc):
+            self._headers_timer.cancel()
+            super().connection_lost(exc)
+    return Protocol
+
+
+class HTTPServer:
+    """uvicorn over an `App` on a socket bound at construction (`port` is known before it
+    runs). `run()` blocks (SIGTERM / Ctrl-C: graceful); `start()` / `stop()` run it in a
+    thread (tests)."""
+
+    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 0, *,
+                 max_connections: int = 1024):
+        import uvicorn
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(2048)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            app.fastapi, log_level="warning", lifespan="off", access_log=False,
+            http=protocol_class(app.limits.read_timeout_s), limit_concurrency=max_connections,
+            timeout_keep_alive=5, timeout_graceful_shutdown=max(1, int(app.limits.timeout_s)),
+            h11_max_incomplete_event_size=64 << 10)
+        self.server = uvicorn.Server(config)
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        self.server.run(sockets=[self.sock])
+
+    def start(self) -> "HTTPServer":
+        self.thread = threading.Thread(target=self.run, name="lm-http", daemon=True)
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            time.sleep(0.01)
+        return self
+
+    def stop(self, workers: bool = True) -> None:
+        """Stops accepting, finishes what is in flight, then stops the models' workers."""
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=self.app.limits.timeout_s + 5)
+        if workers:
+            for m in self.app.models.values():
+                m.worker.stop()
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building models
+
+
+def build(checkpoint: str | None = None, export: str | None = None, *, max_batch_size: int = 8,
+          quantize: str = "none", kv_cache: str = "auto", data: int = 1,
+          tensor: int = 1) -> tuple[DecodeSlots, object, int]:
+    """(`max_batch_size` decode slots, the tokenizer (None: token ids only), the vocabulary size
+    (prompt ids are checked against it)) for a checkpoint (`quantize="int8"`: int8 weights;
+    `kv_cache="int8"`: an int8 cache; split over `data` x `tensor` devices) or for an export
+    directory, which is served as it was exported."""
+    if (checkpoint is None) == (export is None):
+        raise ValueError("serve a checkpoint or an export directory (one of them)")
+    if export is not None:
+        if quantize != "none" or kv_cache != "auto" or data * tensor > 1:
+            raise ValueError("--quantize, --kv-cache, --data and --tensor apply to --checkpoint; "
+                             "an export is served as it was exported")
+        exported = load_export(export)
+        return exported.slots(max_batch_size), exported.tokenizer, exported.meta["vocab_size"]
+    n = data * tensor
+    if n > jax.device_count():
+        raise ValueError(f"--data {data} x --tensor {tensor} needs {n} devices; "
+                         f"{jax.device_count()} are visible")
+    mesh = None if n == 1 else sharding.make_mesh(MeshConfig(data=data, tensor=tensor),
+                                                  jax.devices()[:n])  # the first n devices
+    engine = Engine.from_checkpoint(checkpoint, mesh=mesh, int8_weights=quantize == "int8",
+                                    cache_dtype="int8" if kv_cache == "int8" else None)
+    return engine.slots(max_batch_size), engine.tokenizer, engine.cfg.vocab_size
+
+
+def decoder_model(name: str, checkpoint: str | None = None, export: str | None = None, *,
+                  max_batch_size: int = 8, max_queue_delay_ms: float = 5.0,
+                  max_queue_size: int = 256, registry=None, warm_up: bool = True,
+                  **build_args) -> DecoderModel:
+    """A started decoder (slots compiled, scheduler running) with its chat template."""
+    from lm.chat import ChatTemplate
+    slots, tokenizer, vocab_size = build(checkpoint, export, max_batch_size=max_batch_size,
+                                         **build_args)
+    if warm_up:
+        slots.warm_up()
+    scheduler = Scheduler(slots, tokenizer, default_stop_ids(tokenizer),
+                          max_queue_delay_ms / 1000, max_queue_size, Metrics(name, registry))
+    scheduler.start()
+    return DecoderModel(name, scheduler, vocab_size,
+                        ChatTemplate.for_checkpoint(checkpoint or export),
+                        root=os.path.abspath(checkpoint or export))
 
 
 def encoder_run(encoder):
@@ -297,21 +720,19 @@ def encoder_warm_up(encoder, batch_sizes) -> None:
             encoder.forward([([pad] * t, [0] * t)])
 
 
-def encoder_server(encoder, address, *, model_name: str, max_batch_size: int = 8,
-                   max_queue_delay_ms: float = 5.0, max_queue_size: int = 256,
-                   timeout_s: float = 60.0, preferred: tuple[int, ...] = (),
-                   warm_up: bool = True) -> "Server":
-    """A `Server` of an `lm.finetune.Encoder` behind a started `lm.batcher.Batcher`."""
+def encoder_model(name: str, encoder, *, max_batch_size: int = 8,
+                  max_queue_delay_ms: float = 5.0, max_queue_size: int = 256,
+                  preferred: tuple[int, ...] = (), warm_up: bool = True, registry=None,
+                  root: str = "") -> EncoderModel:
+    """An `lm.finetune.Encoder` behind a started `lm.batcher.Batcher`."""
     batcher = Batcher(encoder_run(encoder), max_batch_size=max_batch_size,
                       max_queue_delay_s=max_queue_delay_ms / 1000,
                       max_queue_size=max_queue_size, preferred=preferred,
-                      metrics=EncoderMetrics())
+                      metrics=EncoderMetrics(name, registry))
     if warm_up:
         encoder_warm_up(encoder, batcher.shapes())
-    server = Server(address, model_name=model_name, timeout_s=timeout_s, encoder=encoder,
-                    batcher=batcher)
     batcher.start()
-    return server
+    return EncoderModel(name, encoder, batcher, root=root)
 
 
 def is_encoder_checkpoint(path: str) -> bool:
@@ -323,323 +744,6 @@ def is_encoder_checkpoint(path: str) -> bool:
         return False
     return ((saved.get("model") or {}).get("style") == "bert"
             or (saved.get("task") or {}).get("name") in ("classify", "span"))
-
-
-class Server(ThreadingHTTPServer):
-    """The HTTP front of one `Scheduler` (a decoder) or of one `lm.batcher.Batcher` over an
-    `lm.finetune.Encoder`; each connection is served by a thread of its own."""
-    daemon_threads = True
-    request_queue_size = 1024
-
-    def __init__(self, address, scheduler: Scheduler | None = None, *, model_name: str,
-                 timeout_s: float, vocab_size: int = 0, encoder=None,
-                 batcher: Batcher | None = None):
-        if (scheduler is None) == (batcher is None):
-            raise ValueError("a server fronts a scheduler (a decoder) or a batcher (an "
-                             "encoder): one of them")
-        super().__init__(address, Handler)
-        self.scheduler, self.model_name, self.timeout_s = scheduler, model_name, timeout_s
-        self.encoder, self.batcher = encoder, batcher
-        if scheduler is not None:
-            self.vocab_size, self.tokenizer = vocab_size, scheduler.tokenizer
-            self.max_len, self.metrics = scheduler.slots.max_len, scheduler.metrics
-            self.routes = {"/v1/completions"}
-        else:
-            self.vocab_size, self.tokenizer = encoder.cfg.vocab_size, encoder.tokenizer
-            self.max_len, self.metrics = encoder.cfg.max_len, batcher.metrics
-            self.routes = {"/v1/embeddings", "/classify"}
-
-    @property
-    def worker(self):
-        """What answers the requests: the scheduler or the batcher (start, drain, stop)."""
-        return self.scheduler if self.scheduler is not None else self.batcher
-
-    def what(self) -> str:
-        if self.encoder is None:
-            return "a decoder (text generation) checkpoint"
-        return f"an encoder checkpoint (task {self.encoder.task.name})"
-
-
-COUNTED = {"/v1/completions", "/v1/embeddings", "/classify"}  # lm_requests_total{status}
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: Server
-
-    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
-        pass
-
-    def _send(self, status: int, data: bytes, content_type="application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_json(self, status: int, obj) -> None:
-        self._send(status, json.dumps(obj).encode())
-
-    def _error(self, status: int, message: str, param=None, kind="invalid_request_error"):
-        if self.path in COUNTED:
-            self.server.metrics.requests.labels(str(status)).inc()
-        self._send_json(status, {"error": {"message": message, "type": kind, "param": param,
-                                           "code": status}})
-
-    def do_GET(self):  # noqa: N802
-        srv = self.server
-        if self.path == "/health":
-            if srv.batcher is not None:
-                b = srv.batcher
-                alive = b.thread.is_alive()
-                self._send_json(200 if alive else 503, {
-                    "status": "ok" if alive else "batcher stopped",
-                    "task": srv.encoder.task.name, "max_batch_size": b.max_batch_size,
-                    "preferred_batch_sizes": list(b.preferred), "queue": b.queued,
-                    "running": b.running, "batches": b.batches, "failed_batches": b.failures})
-                return
-            sched = srv.scheduler
-            alive = sched.thread.is_alive()
-            self._send_json(200 if alive else 503, {
-                "status": "ok" if alive else "scheduler stopped", "slots": sched.slots.num_slots,
-                "failed_steps": sched.failures, "slots_in_use": len(sched.active),
-                "queue": len(sched.waiting)})
-        elif self.path == "/metrics":
-            self._send(200, prom.generate_latest(srv.metrics.registry), prom.CONTENT_TYPE_LATEST)
-        elif self.path == "/v1/models":
-            model = {"id": srv.model_name, "object": "model", "owned_by": "lm",
-                     "max_model_len": srv.max_len}
-            if srv.encoder is not None:
-                enc = srv.encoder
-                model |= {"task": enc.task.name, "dimensions": enc.cfg.d_model,
-                          "max_input_tokens": enc.seq_len}
-                if enc.task.name == "classify":
-                    model["labels"] = enc.labels
-            self._send_json(200, {"object": "list", "data": [model]})
-        else:
-            self._error(404, f"no route GET {self.path}; try "
-                        f"{', '.join(sorted(srv.routes))} (POST), /v1/models, /health, /metrics",
-                        kind="not_found")
-
-    def do_POST(self):  # noqa: N802
-        srv = self.server
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True  # the body's end is unknown: this connection is done
-            self._error(411, "a request body with a valid Content-Length is required")
-            return
-        raw = self.rfile.read(length)
-        if self.path not in srv.routes:
-            if self.path in COUNTED:
-                self._error(404, f"this server serves {srv.what()}, which has no POST "
-                            f"{self.path}; its routes: {', '.join(sorted(srv.routes))}",
-                            kind="not_found")
-            else:
-                self._error(404, f"no route POST {self.path}; try "
-                            f"{', '.join(sorted(srv.routes))}", kind="not_found")
-            return
-        try:
-            try:
-                body = json.loads(raw or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(None, f"invalid JSON: {e}") from None
-            if self.path == "/v1/embeddings":
-                self._embeddings(body)
-                return
-            if self.path == "/classify":
-                self._classify(body)
-                return
-            prompts, sampling, n, stream = parse_request(
-                body, srv.tokenizer, srv.vocab_size, srv.max_len, srv.scheduler.max_queue_size)
-        except BadRequest as e:
-            self._error(400, str(e), e.param)
-            return
-        arrival = time.monotonic()
-        events, cancelled = queue.Queue(), threading.Event()
-        seqs = [Sequence(i * n + j, p, sampling[j], events, arrival, cancelled)
-                for i, p in enumerate(prompts) for j in range(n)]
-        if not srv.scheduler.submit(seqs):
-            self._error(429, f"the queue is full ({srv.scheduler.max_queue_size} sequences "
-                        "waiting); retry later", kind="rate_limit_error")
-            return
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": srv.model_name}
-        deadline = arrival + srv.timeout_s
-        if stream:
-            self._stream(seqs, head, deadline)
-        else:
-            self._complete(seqs, prompts, head, deadline)
-
-    # The encoder endpoints
-
-    def _batched(self, kind: str, rows: list) -> list | None:
-        """The results of `rows` through the batcher, or None once an error is answered (429:
-        the queue is full; 503: not answered within --timeout-s; 500: its batch failed)."""
-        srv = self.server
-        b = srv.batcher
-        arrival = time.monotonic()
-        job = b.submit(kind, rows, arrival)
-        if job is None:
-            self._error(429, f"the queue is full ({b.max_queue_size} rows waiting at most, "
-                        f"{b.queued} now); retry later", kind="rate_limit_error")
-            return None
-        if not job.finished.wait(timeout=max(0.0, arrival + srv.timeout_s - time.monotonic())):
-            b.cancel(job)
-            self._error(503, f"the request was not finished within {srv.timeout_s} s (queue "
-                        "and forward); it was cancelled", kind="timeout")
-            return None
-        if job.error is not None:
-            self._error(500, job.error, kind="server_error")
-            return None
-        srv.metrics.request_seconds.labels(self.path).observe(time.monotonic() - arrival)
-        return job.results
-
-    def _embeddings(self, body) -> None:
-        from lm.finetune import encode_classify
-        srv = self.server
-        enc = srv.encoder
-        texts, fmt = parse_embeddings(body, enc.cfg.d_model, srv.batcher.max_queue_size)
-        tokens = sum(len(encode_classify(enc.tokenizer, t, None, enc.seq_len)[0])
-                     for t in texts)
-        vectors = self._batched("embed", texts)
-        if vectors is None:
-            return
-        data = []
-        for i, v in enumerate(vectors):
-            v = np.asarray(v, "<f4")
-            data.append({"object": "embedding", "index": i, "embedding": (
-                base64.b64encode(v.tobytes()).decode() if fmt == "base64" else v.tolist())})
-        srv.metrics.requests.labels("200").inc()
-        self._send_json(200, {"object": "list", "data": data, "model": srv.model_name,
-                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-
-    def _classify(self, body) -> None:
-        srv = self.server
-        task = srv.encoder.task.name
-        if task not in ROW_FIELDS:
-            raise BadRequest(None, f"this checkpoint is task {task!r} (a masked-LM encoder "
-                             "without a classification or span head): /classify needs a "
-                             "task classify or span checkpoint; /v1/embeddings serves its "
-                             "pooled vectors")
-        rows = parse_classify(body, task, srv.batcher.max_queue_size)
-        results = self._batched("classify" if task == "classify" else "answer", rows)
-        if results is None:
-            return
-        srv.metrics.requests.labels("200").inc()
-        self._send_json(200, {"model": srv.model_name, "results": results})
-
-    # The decoder endpoint
-
-    def _events(self, seqs, deadline):
-        """(index, kind, value) until every sequence is done; None when the deadline passes."""
-        open_ = len(seqs)
-        events = seqs[0].events
-        while open_:
-            try:
-                item = events.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                seqs[0].cancelled.set()
-                yield None
-                return
-            if item[1] in ("done", "error"):
-                open_ -= 1
-            yield item
-
-    def _complete(self, seqs, prompts, head, deadline):
-        errors = []
-        for item in self._events(seqs, deadline):
-            if item is None:
-                self._error(503, f"the request was not finished within {self.server.timeout_s} "
-                            "s (queue and generation); it was cancelled", kind="timeout")
-                return
-            if item[1] == "error":
-                errors.append(item[2])
-        if errors:
-            self._error(500, errors[0], kind="server_error")
-            return
-        choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason,
-                    "logprobs": None, "token_ids": s.ids} for s in seqs]
-        completion = sum(len(s.ids) for s in seqs)
-        prompt_tokens = sum(len(p) for p in prompts)
-        self.server.metrics.requests.labels("200").inc()
-        self._send_json(200, head | {"choices": choices, "usage": {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}})
-
-    def _stream(self, seqs, head, deadline):
-        started = False
-
-        def send(obj):
-            nonlocal started
-            if not started:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                started = True
-            self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else
-                                          json.dumps(obj).encode()) + b"\n\n")
-            self.wfile.flush()
-
-        self.close_connection = True
-        try:
-            for item in self._events(seqs, deadline):
-                if item is None:
-                    if not started:
-                        self._error(503, f"the request was not finished within "
-                                    f"{self.server.timeout_s} s; it was cancelled",
-                                    kind="timeout")
-                        return
-                    send({"error": {"message": "timed out; cancelled", "type": "timeout"}})
-                    break
-                index, kind, value = item
-                if kind == "delta":
-                    text, ids = value
-                    send(head | {"choices": [{"index": index, "text": text,
-                                              "finish_reason": None, "logprobs": None,
-                                              "token_ids": ids}]})
-                elif kind == "done":
-                    send(head | {"choices": [{"index": index, "text": "",
-                                              "finish_reason": value, "logprobs": None}]})
-                else:
-                    send({"error": {"message": value, "type": "server_error"}})
-            else:
-                self.server.metrics.requests.labels("200").inc()
-            send(b"[DONE]")
-        except (BrokenPipeError, ConnectionResetError):
-            seqs[0].cancelled.set()  # the client left: free its slots
-
-
-# ---------------------------------------------------------------------------------------------
-# Building and running a server
-
-
-def build(checkpoint: str | None = None, export: str | None = None, *, max_batch_size: int = 8,
-          quantize: str = "none", kv_cache: str = "auto", data: int = 1,
-          tensor: int = 1) -> tuple[DecodeSlots, object, int]:
-    """(`max_batch_size` decode slots, the tokenizer (None: token ids only), the vocabulary size
-    (prompt ids are checked against it)) for a checkpoint (`quantize="int8"`: int8 weights;
-    `kv_cache="int8"`: an int8 cache; split over `data` x `tensor` devices) or for an export
-    directory, which is served as it was exported."""
-    if (checkpoint is None) == (export is None):
-        raise ValueError("serve a checkpoint or an export directory (one of them)")
-    if export is not None:
-        if quantize != "none" or kv_cache != "auto" or data * tensor > 1:
-            raise ValueError("--quantize, --kv-cache, --data and --tensor apply to --checkpoint; "
-                             "an export is served as it was exported")
-        exported = load_export(export)
-        return exported.slots(max_batch_size), exported.tokenizer, exported.meta["vocab_size"]
-    n = data * tensor
-    if n > jax.device_count():
-        raise ValueError(f"--data {data} x --tensor {tensor} needs {n} devices; "
-                         f"{jax.device_count()} are visible")
-    mesh = None if n == 1 else sharding.make_mesh(MeshConfig(data=data, tensor=tensor),
-                                                  jax.devices()[:n])  # the first n devices
-    engine = Engine.from_checkpoint(checkpoint, mesh=mesh, int8_weights=quantize == "int8",
-                                    cache_dtype="int8" if kv_cache == "int8" else None)
-    return engine.slots(max_batch_size), engine.tokenizer, engine.cfg.vocab_size
 
 
 def parse_batch_sizes(text: str | None, max_batch_size: int) -> tuple[int, ...]:
@@ -659,19 +763,82 @@ def parse_batch_sizes(text: str | None, max_batch_size: int) -> tuple[int, ...]:
     return sizes
 
 
+def parse_models(args) -> list[tuple[str, str, str]]:
+    """(name, "checkpoint" | "export", path) of each model to serve."""
+    given = [x for x in (args.checkpoint, args.export) if x] + list(args.model or [])
+    if not given:
+        raise ConfigError("serve something: --checkpoint DIR, --export DIR or --model NAME=DIR "
+                          "(repeatable)")
+    if args.model and (args.checkpoint or args.export or args.model_name):
+        raise ConfigError("--model NAME=DIR names each model: use it instead of --checkpoint, "
+                          "--export and --model-name")
+    if args.checkpoint or args.export:
+        path = args.checkpoint or args.export
+        name = args.model_name or os.path.basename(os.path.normpath(path))
+        return [(name, "checkpoint" if args.checkpoint else "export", path)]
+    out = []
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--model must be NAME=CHECKPOINT_DIR, got {item!r}")
+        if not os.path.exists(path):
+            raise ConfigError(f"--model {item}: {path} does not exist")
+        out.append((name, "checkpoint", path))
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--model names must differ, got {names}")
+    return out
+
+
+def load_models(args, registry) -> tuple[list, list[str]]:
+    """The started models of the command line, and a description of each."""
+    preferred = parse_batch_sizes(args.preferred_batch_sizes, args.max_batch_size)
+    models, what = [], []
+    for name, kind, path in parse_models(args):
+        if kind == "checkpoint" and is_encoder_checkpoint(path):
+            if (args.quantize, args.kv_cache, args.data, args.tensor) != ("none", "auto", 1, 1):
+                raise ConfigError("--quantize, --kv-cache, --data and --tensor apply to "
+                                  "decoders; an encoder checkpoint is served on one device")
+            from lm.finetune import Encoder
+            encoder = Encoder.from_checkpoint(path, args.max_batch_size)
+            models.append(encoder_model(
+                name, encoder, max_batch_size=args.max_batch_size,
+                max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
+                preferred=preferred, registry=registry, root=os.path.abspath(path)))
+            what.append(f"{name} (encoder, task {encoder.task.name}, batches of up to "
+                        f"{args.max_batch_size} rows)")
+            continue
+        if preferred:
+            raise ConfigError("--preferred-batch-sizes applies to encoder checkpoints; a "
+                              "decoder batches continuously over --max-batch-size slots")
+        model = decoder_model(
+            name, **{kind: path}, max_batch_size=args.max_batch_size,
+            max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
+            registry=registry, quantize=args.quantize, kv_cache=args.kv_cache,
+            data=args.data, tensor=args.tensor)
+        model.scheduler.batched_prefill = args.prefill == "batched"
+        model.scheduler.incremental = args.detokenize == "incremental"
+        models.append(model)
+        what.append(f"{name} ({model.scheduler.slots.num_slots} slots)")
+    return models, what
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m lm.serve", description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a training workdir or one checkpoint directory "
-                     "(a decoder, or an encoder: model.style bert, task classify / span)")
-    src.add_argument("--export", help="a directory written by python -m lm.export")
+    p.add_argument("--checkpoint", help="a training workdir or one checkpoint directory "
+                   "(a decoder, or an encoder: model.style bert, task classify / span)")
+    p.add_argument("--export", help="a directory written by python -m lm.export")
+    p.add_argument("--model", action="append", metavar="NAME=DIR",
+                   help="a checkpoint served as NAME (repeatable: several models, routed by the "
+                   "request's model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     p.add_argument("--model-name", help="the model id in responses (default: the directory)")
     p.add_argument("--max-batch-size", type=int, default=8,
-                   help="decode slots (a decoder); rows per forward (an encoder)")
+                   help="decode slots (a decoder); rows per forward (an encoder); per model")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
-                   help="how long the first request waits for others to start with it")
+                   help="while slots are free, how long the first waiting request waits for "
+                   "others to start with it")
     p.add_argument("--preferred-batch-sizes",
                    help="an encoder: comma-separated batch sizes (e.g. 4,8) launched as soon "
                    "as the queue holds one")
@@ -679,68 +846,49 @@ def main(argv: list[str] | None = None) -> None:
                    help="sequences (a decoder) or rows (an encoder) waiting; beyond: 429")
     p.add_argument("--timeout-s", type=float, default=60.0,
                    help="a request not finished in this time gets 503 and is cancelled")
+    p.add_argument("--max-body-mb", type=float, default=16.0,
+                   help="larger request bodies get 413 (unread)")
+    p.add_argument("--read-timeout-s", type=float, default=30.0,
+                   help="request headers and body must arrive within this time")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="concurrent connections; beyond: 503")
+    p.add_argument("--prefill", choices=["batched", "one"], default="batched",
+                   help="one: a prefill per request (bench/serve.py's comparison)")
+    p.add_argument("--detokenize", choices=["incremental", "full"], default="incremental",
+                   help="full: decode the whole text at every token (bench/serve.py's comparison)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none")
     p.add_argument("--kv-cache", choices=["auto", "int8"], default="auto")
     p.add_argument("--data", type=int, default=1, help="devices the slots are split over")
     p.add_argument("--tensor", type=int, default=1, help="devices heads are split over")
     args = p.parse_args(argv)
-    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint or args.export))
-    address = (args.host, args.port)
     try:
-        for key in ("max_batch_size", "max_queue_size", "data", "tensor"):
+        for key in ("max_batch_size", "max_queue_size", "data", "tensor", "max_connections"):
             if getattr(args, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got "
                                   f"{getattr(args, key)}")
-        if args.timeout_s <= 0 or args.max_queue_delay_ms < 0:
-            raise ConfigError("--timeout-s must be > 0 and --max-queue-delay-ms >= 0")
-        preferred = parse_batch_sizes(args.preferred_batch_sizes, args.max_batch_size)
-        if args.checkpoint is not None and is_encoder_checkpoint(args.checkpoint):
-            if (args.quantize, args.kv_cache, args.data, args.tensor) != ("none", "auto", 1, 1):
-                raise ConfigError("--quantize, --kv-cache, --data and --tensor apply to "
-                                  "decoders; an encoder checkpoint is served on one device")
-            from lm.finetune import Encoder
-            encoder = Encoder.from_checkpoint(args.checkpoint, args.max_batch_size)
-            server = encoder_server(
-                encoder, address, model_name=name, max_batch_size=args.max_batch_size,
-                max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
-                timeout_s=args.timeout_s, preferred=preferred)
-            what = (f"encoder, task {encoder.task.name}, batches of up to "
-                    f"{args.max_batch_size} rows")
-        else:
-            if preferred:
-                raise ConfigError("--preferred-batch-sizes applies to encoder checkpoints; a "
-                                  "decoder batches continuously over --max-batch-size slots")
-            server, what = _decoder_server(args, address, name)
+        if args.timeout_s <= 0 or args.max_queue_delay_ms < 0 or args.read_timeout_s <= 0:
+            raise ConfigError("--timeout-s and --read-timeout-s must be > 0 and "
+                              "--max-queue-delay-ms >= 0")
+        if args.max_body_mb <= 0:
+            raise ConfigError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+        parse_models(args)  # bad names fail before anything loads
+        registry = prom.CollectorRegistry()
+        models, what = load_models(args, registry)
+        app = App(models, Limits(args.timeout_s, int(args.max_body_mb * (1 << 20)),
+                                 args.read_timeout_s), registry)
+        server = HTTPServer(app, args.host, args.port, max_connections=args.max_connections)
     except (ConfigError, ValueError, OSError) as e:
         print(f"lm.serve: error: {e}", file=sys.stderr)
         sys.exit(2)
-    host, port = server.server_address[:2]
-    print(f"lm.serve: {name} on http://{host}:{port} ({what})", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    # The port is the line's last field (scripts read it).
+    print(f"lm.serve: {'; '.join(what)} on http://{server.host}:{server.port}", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.run()  # uvicorn: SIGTERM / Ctrl-C finish the accepted requests first
     finally:
-        # No new connections; everything accepted is finished and answered first.
-        server.worker.drain(args.timeout_s)
-        time.sleep(0.2)  # the handlers write their last bytes
-        server.worker.stop()
-        server.server_close()
-
-
-def _decoder_server(args, address, name) -> tuple[Server, str]:
-    """A started decoder server (slots compiled, scheduler running) and its description."""
-    slots, tokenizer, vocab_size = build(
-        args.checkpoint, args.export, max_batch_size=args.max_batch_size,
-        quantize=args.quantize, kv_cache=args.kv_cache, data=args.data, tensor=args.tensor)
-    slots.warm_up()
-    scheduler = Scheduler(slots, tokenizer, default_stop_ids(tokenizer),
-                          args.max_queue_delay_ms / 1000, args.max_queue_size, Metrics())
-    server = Server(address, scheduler, model_name=name, vocab_size=vocab_size,
-                    timeout_s=args.timeout_s)
-    scheduler.start()
-    return server, f"{slots.num_slots} slots"
+        for m in app.models.values():
+            m.worker.drain(args.timeout_s)
+            m.worker.stop()
+        server.sock.close()
 
 
 if __name__ == "__main__":

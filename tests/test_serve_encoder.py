@@ -107,7 +107,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(workdir):
-    s = Served("--checkpoint", workdir, "--max-batch-size", "8", "--preferred-batch-sizes",
+    s = Served("--checkpoint", workdir, "--model-name", "m", "--max-batch-size", "8",
+               "--preferred-batch-sizes",
                "4,8", "--max-queue-delay-ms", "30", "--max-queue-size", "64")
     yield s
     s.close()
@@ -156,10 +157,11 @@ def test_32_concurrent_classify_requests_equal_their_one_at_a_time_answers(serve
     def delta(name, labels=()):
         return after.get((name, labels), 0) - before.get((name, labels), 0)
 
-    batches = delta("lm_encoder_batch_size_count")
-    assert delta("lm_encoder_batch_size_sum") == 32
+    m = (("model_name", "m"),)
+    batches = delta("lm_encoder_batch_size_count", m)
+    assert delta("lm_encoder_batch_size_sum", m) == 32
     assert 0 < batches < 32  # rows shared forward passes
-    assert delta("lm_encoder_batch_size_bucket", (("le", "1.0"),)) < batches
+    assert delta("lm_encoder_batch_size_bucket", (("le", "1.0"),) + m) < batches
     assert delta("lm_requests_total", (("status", "200"),)) == 32
 
     # One request of 11 rows (bare strings) is split over batches of at most 8, in order.
@@ -231,24 +233,18 @@ def test_decoder_endpoints_on_an_encoder_get_a_clear_404(served):
     assert status == 404 and "/classify" in text
 
 
-def _in_process(server):
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    return server.server_address[1]
-
-
-def _close_server(server):
-    server.shutdown()
-    server.worker.stop()
-    server.server_close()
+def _in_process(models, **limits) -> serve.HTTPServer:
+    """An `lm.serve.App` over `models` behind uvicorn in a thread of this process."""
+    return serve.HTTPServer(serve.App(models, serve.Limits(**limits)), "127.0.0.1", 0).start()
 
 
 def test_full_queue_gets_429_at_once_and_a_late_request_503(encoder):
     """The first rows wait up to the queue delay (1.5 s) for others: meanwhile a queue of 2
     rows is full, and a 0.5 s timeout passes (the rows are withdrawn, never run)."""
-    server = serve.encoder_server(encoder, ("127.0.0.1", 0), model_name="m", max_batch_size=4,
-                                  max_queue_delay_ms=1500, max_queue_size=2, timeout_s=0.5,
-                                  warm_up=False)
-    port = _in_process(server)
+    model = serve.encoder_model("m", encoder, max_batch_size=4, max_queue_delay_ms=1500,
+                                max_queue_size=2, warm_up=False)
+    server = _in_process([model], timeout_s=0.5)
+    port = server.port
     try:
         body = {"inputs": ["good film"]}
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -268,7 +264,7 @@ def test_full_queue_gets_429_at_once_and_a_late_request_503(encoder):
         health = json.loads(health)
         assert status == 200 and health["queue"] == 0 and health["batches"] == 0
     finally:
-        _close_server(server)
+        server.stop()
 
 
 def test_a_failed_batch_answers_500_and_the_batcher_keeps_serving(encoder):
@@ -278,10 +274,9 @@ def test_a_failed_batch_answers_500_and_the_batcher_keeps_serving(encoder):
         return [{"label": "a", "probs": {"a": 1.0, "b": 0.0}} for _ in rows]
 
     batcher = Batcher(run, max_batch_size=4, max_queue_delay_s=0, max_queue_size=8)
-    server = serve.Server(("127.0.0.1", 0), model_name="m", timeout_s=5, encoder=encoder,
-                          batcher=batcher)
     batcher.start()
-    port = _in_process(server)
+    server = _in_process([serve.EncoderModel("m", encoder, batcher)], timeout_s=5)
+    port = server.port
     try:
         status, text = _http(port, "POST", "/classify", {"inputs": ["ok", "boom"]})
         error = json.loads(text)["error"]
@@ -292,34 +287,32 @@ def test_a_failed_batch_answers_500_and_the_batcher_keeps_serving(encoder):
         status, health = _http(port, "GET", "/health")
         assert status == 200 and json.loads(health)["failed_batches"] == 1
     finally:
-        _close_server(server)
+        server.stop()
 
 
 def test_encoder_endpoints_on_a_decoder_and_classify_on_a_masked_lm(encoder):
     from lm.scheduler import Metrics
     sched = types.SimpleNamespace(tokenizer=None, slots=types.SimpleNamespace(max_len=64),
                                   metrics=Metrics())
-    server = serve.Server(("127.0.0.1", 0), sched, model_name="d", vocab_size=10, timeout_s=1)
-    port = _in_process(server)
+    server = _in_process([serve.DecoderModel("d", sched, vocab_size=10)], timeout_s=1)
+    port = server.port
     try:
         for path in ("/v1/embeddings", "/classify"):
             status, text = _http(port, "POST", path, {"input": "x", "inputs": ["x"]})
             assert status == 404 and "decoder (text generation) checkpoint" in text, text
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop(workers=False)
     mlm = types.SimpleNamespace(task=types.SimpleNamespace(name="mlm"), cfg=encoder.cfg,
                                 tokenizer=encoder.tokenizer, seq_len=32)
     batcher = Batcher(lambda *a: [], max_batch_size=2, max_queue_delay_s=0, max_queue_size=2)
-    server = serve.Server(("127.0.0.1", 0), model_name="bert", timeout_s=1, encoder=mlm,
-                          batcher=batcher)
     batcher.start()
-    port = _in_process(server)
+    server = _in_process([serve.EncoderModel("bert", mlm, batcher)], timeout_s=1)
+    port = server.port
     try:
         status, text = _http(port, "POST", "/classify", {"inputs": ["x"]})
         assert status == 400 and "task 'mlm'" in text and "/v1/embeddings" in text, text
     finally:
-        _close_server(server)
+        server.stop()
 
 
 def test_bad_preferred_batch_sizes_exit_2(workdir, capsys):

@@ -20,6 +20,7 @@ Nothing here imports jax: data-preparation workers load this module in fresh pro
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -67,6 +68,11 @@ class ByteTokenizer:
         ids = np.asarray(ids).reshape(-1)
         return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode(
             "utf-8", errors="replace")
+
+    def stream(self) -> "TextStream":
+        """Incremental decoding (one generated id at a time; constant work per id)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return TextStream(lambda i: decoder.decode(bytes([i])) if 0 <= i < 256 else "")
 
     def continuation_table(self) -> np.ndarray:
         """[vocab_size] bool: no byte continues a word (whole-word masking masks single ids)."""
@@ -126,6 +132,18 @@ class BPETokenizer:
         ids = ids[(ids >= 0) & (ids < self.vocab_size) & ~np.isin(ids, self._special)]
         return self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
 
+    def stream(self) -> "TextStream":
+        """Incremental decoding (`tokenizers`' DecodeStream: constant work per id), dropping
+        the ids `decode` drops."""
+        stream, special = hf.decoders.DecodeStream(skip_special_tokens=False), set(
+            self._special.tolist())
+
+        def step(i: int) -> str:
+            if i in special or not 0 <= i < self.vocab_size:
+                return ""
+            return stream.step(self.tokenizer, i) or ""
+        return TextStream(step)
+
     def continuation_table(self) -> np.ndarray:
         """[vocab_size] bool: True for the ids that continue a word (a WordPiece model's "##"
         pieces); all False for a model without a continuing-subword prefix (byte-level BPE)."""
@@ -156,6 +174,20 @@ class BPETokenizer:
             os.replace(tmp, dest)
         self.path = dest
         return self.spec()
+
+
+class TextStream:
+    """The text of generated ids as they come: `push(id)` returns the characters that id
+    completes ("" while a character's bytes are incomplete); `text` is all of them so far.
+    A server sends each token's text without decoding the whole sequence again."""
+
+    def __init__(self, step):
+        self._step, self.text = step, ""
+
+    def push(self, token: int) -> str:
+        new = self._step(int(token))
+        self.text += new
+        return new
 
 
 HFTokenizer = BPETokenizer  # it wraps any tokenizer.json, WordPiece included
