@@ -7,8 +7,12 @@ BertForPreTraining, BertForSequenceClassification and BertForQuestionAnswering.
 from-hf writes OUT_DIR as a training workdir holding one checkpoint (step 0: parameters and the
 run config) and, where HF_DIR has a `tokenizer.json` with an end-of-text token, the tokenizer:
 OUT_DIR then works as `--checkpoint` of lm.generate / lm.serve / lm.export (a BERT: of
-lm.predict) and as `--config.train.init_from` of lm.train. Parameters are stored float32 in
-lm's layout: the layers stacked on a leading axis (scanned), attention weights split per head
+lm.predict) and as `--config.train.init_from` of lm.train. A chat template (chat_template.jinja,
+or tokenizer_config.json's `chat_template`) comes along with its special-token strings, in
+lm.chat's layout (OUT_DIR/chat_template.jinja + tokenizer_config.json), for lm.serve's chat
+completions; to-hf writes it back (chat_template.jinja and tokenizer_config.json's
+`chat_template`, bos_token, eos_token, ...). Parameters are stored float32 in lm's layout: the
+layers stacked on a leading axis (scanned), attention weights split per head
 ([embed, heads, head_dim]). A BertForSequenceClassification becomes a run of task.name
 classify (task.num_labels and task.labels = config.json's id2label values in id order), a
 BertForQuestionAnswering one of task.name span (fine-tuning it further names its own data).
@@ -58,6 +62,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from lm.chat import CHAT_TEMPLATE_FILE, ChatTemplate, template_directory
 from lm.checkpoint import Checkpointer
 from lm.config import ConfigError, defaults, from_config_dict, override
 from lm.data import tokenizer as lm_tokenizer
@@ -561,8 +566,9 @@ def from_hf(hf_dir: str, out_dir: str) -> dict:
     ckpt.wait()
     ckpt.close()
     tokenizer = _carry_tokenizer_in(hf_dir, out_dir)
+    chat = _carry_chat_template_in(hf_dir, out_dir)
     return {"style": run.model.style, "params": sum(x.size for x in tensors.values()),
-            "tokenizer": tokenizer}
+            "tokenizer": tokenizer, "chat_template": chat}
 
 
 def bert_heads(raw: dict[str, np.ndarray], fields: dict, hf: dict, arch: str
@@ -602,6 +608,30 @@ def _carry_tokenizer_in(hf_dir: str, out_dir: str) -> str | None:
     return path
 
 
+def _carry_chat_template_in(hf_dir: str, out_dir: str) -> bool:
+    """Copies HF_DIR's chat template and its special-token strings into OUT_DIR (lm.chat's
+    layout); a malformed one is reported and left behind, as a tokenizer is."""
+    try:
+        chat = ChatTemplate.from_directory(hf_dir)
+    except ValueError as e:
+        print(f"lm.convert: chat template not carried over: {e}", file=sys.stderr)
+        return False
+    if chat is not None:
+        chat.save(out_dir)
+    return chat is not None
+
+
+def _chat_template_out(checkpoint: str, hf_dir: str) -> dict:
+    """Writes the checkpoint's chat template (if it has one) as HF_DIR/chat_template.jinja;
+    returns the tokenizer_config.json keys that carry it too ({} without one)."""
+    chat = ChatTemplate.from_directory(template_directory(checkpoint))
+    if chat is None:
+        return {}
+    with open(os.path.join(hf_dir, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
+        f.write(chat.template)
+    return chat.hf_tokenizer_config()
+
+
 def to_hf(checkpoint: str, hf_dir: str) -> dict:
     """Writes model.safetensors + config.json (+ tokenizer.json) of an lm checkpoint; a
     decoder's classify / span checkpoint is a ConfigError (`hf_architecture_of`)."""
@@ -622,10 +652,28 @@ def to_hf(checkpoint: str, hf_dir: str) -> dict:
         tok.tokenizer.save(tok_file)
     elif tok is not None:
         byte_level_tokenizer(tok.eod_id, tok.pad_id).save(tok_file)
-    if tok is not None and m.style == "bert":
+    chat = _chat_template_out(checkpoint, hf_dir)
+    if tok is not None:  # BERT's keys win over a chat template's, a chat template's over ours
+        keys = (chat | tokenizer_config(tok_file, m.max_len) if m.style == "bert" else
+                decoder_tokenizer_config(tok_file, tok.eod_id, tok.pad_id, m.max_len) | chat)
         with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
-            json.dump(tokenizer_config(tok_file, m.max_len), f, indent=1)
+            json.dump(keys, f, indent=1)
     return {"style": m.style, "tensors": len(tensors), "architecture": config["architectures"][0]}
+
+
+def decoder_tokenizer_config(tok_file: str, eod_id: int, pad_id: int, max_len: int) -> dict:
+    """A decoder's tokenizer_config.json: the generic class over the file, and lm's
+    end-of-document token as eos and bos (GPT-2's convention) and its pad token by name, so
+    that transformers and lm-evaluation-harness stop and pad where lm does."""
+    import tokenizers
+    t = tokenizers.Tokenizer.from_file(tok_file)
+    eos, pad = t.id_to_token(eod_id), t.id_to_token(pad_id)
+    out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
+    if eos is not None:
+        out |= {"eos_token": eos, "bos_token": eos}
+    if pad is not None:
+        out["pad_token"] = pad
+    return out
 
 
 def tokenizer_config(tok_file: str, max_len: int) -> dict:
@@ -691,7 +739,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.direction == "from-hf":
             info = from_hf(args.hf_dir, args.out_dir)
             print(f"converted {info['style']} ({info['params']:,} parameters) into "
-                  f"{args.out_dir}" + ("" if info["tokenizer"] else " (no tokenizer)"))
+                  f"{args.out_dir}" + ("" if info["tokenizer"] else " (no tokenizer)")
+                  + (" with its chat template" if info["chat_template"] else ""))
         else:
             info = to_hf(args.checkpoint, args.hf_dir)
             print(f"wrote {info['tensors']} tensors of a {info['style']} model to {args.hf_dir}")

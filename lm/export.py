@@ -157,7 +157,7 @@ class Exported:
         greedy = SamplingParams(max_new_tokens=max_new_tokens)
         out = [[slots.insert(i, ids, greedy)] for i, ids in enumerate(prompts)]
         for _ in range(max_new_tokens - 1):
-            for ids, token in zip(out, slots.step()):
+            for ids, token in zip(out, slots.step().token_b):
                 ids.append(int(token))
         return out
 

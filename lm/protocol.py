@@ -310,8 +310,12 @@ def parse_chat(body, template, tokenizer, vocab_size: int, max_len: int, max_n: 
     top = number(body, "top_logprobs", None, 0, TOP_LOGPROBS, integer=True)
     if top is not None and not want:
         raise BadRequest("top_logprobs", "top_logprobs needs logprobs: true")
+    turn_end = template.eos_id(tokenizer)  # a chat model's end of turn (Llama 3: <|eot_id|>)
+    eod_ids = tuple(eod_ids) + ((turn_end,) if turn_end is not None else ())
     req = _sampling(body, [ids], tokenizer, vocab_size, max_len, max_n, eod_ids,
                     (top or 0) if want else None, False, "max_completion_tokens")
+    if req.stop_ids is None:
+        req.stop_ids = eod_ids
     if template.stop:
         req.sampling = [dataclasses.replace(s, stop=s.stop + template.stop)
                         for s in req.sampling]
