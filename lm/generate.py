@@ -746,6 +746,11 @@ class DecodeSlots:
         self.counts += 1
         return sampled
 
+    @property
+    def can_score(self) -> bool:
+        """Whether `score` works (a checkpoint's slots; an export has no scoring function)."""
+        return self._score is not None
+
     def score(self, prompts: list[list[int]]) -> list[Scored]:
         """Each prompt's logprobs (`Scored`), from full forwards without a cache, batched and
         split like `insert_many`'s prefills; the slots are untouched."""

@@ -87,7 +87,7 @@ COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "t
                      "seed", "n", "stream", "user", "stream_options", "logprobs", "echo",
                      "presence_penalty", "frequency_penalty", "repetition_penalty",
                      "logit_bias", "ignore_eos", "stop_token_ids", "best_of",
-                     "add_special_tokens"}
+                     "add_special_tokens", "return_tokens_as_token_ids"}
 CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt", "echo", "logprobs", "best_of"}) | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt"}
 # vLLM's and OpenAI's fields that lm does not implement, accepted with the value that changes
@@ -98,7 +98,7 @@ NEUTRAL = {"suffix": (None, ""), "min_p": (None, 0, 0.0), "min_tokens": (None, 0
            "length_penalty": (None, 1, 1.0), "prompt_logprobs": (None,),
            "truncate_prompt_tokens": (None,), "allowed_token_ids": (None,),
            "bad_words": (None, []), "detokenize": (None, True), "priority": (None, 0),
-           "return_tokens_as_token_ids": (None, False), "tools": (None, []),
+           "tools": (None, []),
            "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
            "response_format": (None, {"type": "text"}), "request_id": None}
 
@@ -131,6 +131,7 @@ class Completion:
     echo: bool
     stop_ids: tuple[int, ...] | None  # None: the model's end-of-text id
     model: str | None
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name "token_id:N"
 
 
 def parse_completion(body, tokenizer, vocab_size: int, max_len: int, max_n: int,
@@ -221,13 +222,17 @@ def _sampling(body, prompts, tokenizer, vocab_size, max_len, max_n, eod_ids, log
         stop_ids = tuple(extra_ids) + (() if ignore_eos else tuple(eod_ids))
     for name in ("model", "user"):
         _string(body, name)
+    as_ids = body.get("return_tokens_as_token_ids") or False
+    if not isinstance(as_ids, bool):
+        raise BadRequest("return_tokens_as_token_ids", "return_tokens_as_token_ids must be true "
+                         "or false")
     sampling = [SamplingParams(
         max_new_tokens=max_tokens, temperature=float(temperature), top_k=max(0, top_k),
         top_p=float(top_p), seed=seed + j, stop=tuple(stop), presence_penalty=float(presence),
         frequency_penalty=float(frequency), repetition_penalty=float(repetition),
         logit_bias=bias, logprobs=logprobs or 0) for j in range(n)]
     return Completion(prompts, sampling, n, stream, include_usage, logprobs, echo, stop_ids,
-                      body.get("model"))
+                      body.get("model"), as_ids)
 
 
 def _logit_bias(bias, vocab_size: int) -> tuple[tuple[int, float], ...]:

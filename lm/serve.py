@@ -304,7 +304,7 @@ class App:
         s = model.scheduler
         req = parse_completion(body, model.tokenizer, model.vocab_size, model.max_len,
                                s.max_queue_size, default_stop_ids(model.tokenizer))
-        if req.echo and not getattr(s.slots, "can_score", False):
+        if req.echo and not s.slots.can_score:
             raise BadRequest("echo", "echo (prompt logprobs) needs a checkpoint; this model is "
                              "served from an export, which has no scoring function")
         return await self._generate(path, model, req, chat=False)
@@ -429,6 +429,7 @@ class Run:
         self.app, self.path, self.model, self.req, self.seqs = app, path, model, req, seqs
         self.head, self.deadline, self.chat = head, deadline, chat
         self.tok = model.tokenizer
+        self.lp_tok = None if req.tokens_as_ids else model.tokenizer  # names tokens in logprobs
         self.prompts: dict[int, object] = {}  # index -> Scored (echo)
         self.logprobs: dict[int, list[TokenLogprob]] = {s.index: [] for s in seqs}
         self.prompt_chars: dict[int, int] = {}  # echo: generated text_offsets follow these
@@ -472,16 +473,16 @@ class Run:
             choice = {"index": seq.index, "message": {"role": "assistant", "content": seq.text},
                       "finish_reason": seq.finish_reason, "logprobs": None}
             if self.req.logprobs is not None:
-                choice["logprobs"] = chat_logprobs(self.tok, self.logprobs[seq.index])
+                choice["logprobs"] = chat_logprobs(self.lp_tok, self.logprobs[seq.index])
             return choice
         text, entries = seq.text, self.logprobs[seq.index]
-        lp = None if self.req.logprobs is None else completion_logprobs(self.tok, entries)
+        lp = None if self.req.logprobs is None else completion_logprobs(self.lp_tok, entries)
         if self.req.echo:
             prompt_text, prompt_entries = self._echo_entries(seq)
             text = prompt_text + text
             if lp is not None:
-                lp = _joined(completion_logprobs(self.tok, prompt_entries),
-                             completion_logprobs(self.tok, entries, len(prompt_text)))
+                lp = _joined(completion_logprobs(self.lp_tok, prompt_entries),
+                             completion_logprobs(self.lp_tok, entries, len(prompt_text)))
         return {"index": seq.index, "text": text, "finish_reason": seq.finish_reason,
                 "logprobs": lp, "token_ids": seq.ids}
 
@@ -510,7 +511,7 @@ class Run:
             delta = ({"role": "assistant", "content": ""} if first else
                      {} if finish else {"content": text})
             lp = None if self.req.logprobs is None or finish or first else chat_logprobs(
-                self.tok, logprobs)
+                self.lp_tok, logprobs)
             return head | {"choices": [{"index": index, "delta": delta, "logprobs": lp,
                                         "finish_reason": finish}]}
         return head | {"choices": [{"index": index, "text": text, "finish_reason": finish,
@@ -538,7 +539,7 @@ class Run:
                     text, entries = self._echo_entries(seq)
                     self.prompt_chars[index] = len(text)
                     lp = (None if self.req.logprobs is None
-                          else completion_logprobs(self.tok, entries))
+                          else completion_logprobs(self.lp_tok, entries))
                     yield _sse(self._chunk(index, text, lp))
                 elif kind == "delta":
                     offset = self.prompt_chars.get(index, 0)
@@ -546,7 +547,7 @@ class Run:
                         yield _sse(self._chunk(index, value.text, value.logprobs))
                     else:
                         lp = (None if self.req.logprobs is None else
-                              completion_logprobs(self.tok, value.logprobs, offset))
+                              completion_logprobs(self.lp_tok, value.logprobs, offset))
                         chunk = self._chunk(index, value.text, lp)
                         chunk["choices"][0]["token_ids"] = value.ids
                         yield _sse(chunk)

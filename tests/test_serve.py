@@ -315,13 +315,22 @@ def test_echo_logprobs_equal_the_log_softmax_of_the_full_forward(server, engine)
 
 
 def test_greedy_streaming_logprobs_equal_the_non_streaming_ones(server):
+    """With return_tokens_as_token_ids (vLLM's) the top_logprobs keys are "token_id:N", so five
+    alternatives are five keys (as text, two byte tokens can both read "\ufffd")."""
     body = {"model": "m", "prompt": "import os\n", "max_tokens": 10, "temperature": 0,
-            "logprobs": 5}
+            "logprobs": 5, "return_tokens_as_token_ids": True}
     whole = _post(server, body)["choices"][0]["logprobs"]
     assert len(whole["token_logprobs"]) == len(whole["tokens"]) >= 1
-    assert all(len(t) >= 5 for t in whole["top_logprobs"])
-    chunks = list(server.client.completions.create(**body, stream=True,
-                                                   stream_options={"include_usage": True}))
+    assert all(t.startswith("token_id:") for t in whole["tokens"])
+    for chosen, lp, top in zip(whole["tokens"], whole["token_logprobs"], whole["top_logprobs"]):
+        assert len(top) in (5, 6) and top[chosen] == lp  # greedy: the chosen is the best
+        assert max(top.values()) == lp
+    as_text = _post(server, body | {"return_tokens_as_token_ids": False})["choices"][0]
+    assert "".join(as_text["logprobs"]["tokens"]) == as_text["text"]
+    assert as_text["logprobs"]["token_logprobs"] == whole["token_logprobs"]
+    chunks = list(server.client.completions.create(
+        **{k: v for k, v in body.items() if k != "return_tokens_as_token_ids"}, stream=True,
+        stream_options={"include_usage": True}, extra_body={"return_tokens_as_token_ids": True}))
     streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs
                 for lp in c.choices[0].logprobs.token_logprobs]
     np.testing.assert_allclose(streamed, whole["token_logprobs"], atol=1e-5)
