@@ -680,8 +680,8 @@ def decoder_model(name: str, checkpoint: str | None = None, export: str | None =
     from lm.chat import ChatTemplate
     slots, tokenizer, vocab_size = build(checkpoint, export, max_batch_size=max_batch_size,
                                          **build_args)
-    if warm_up:
-        slots.warm_up()
+    if warm_up:  # scoring too: an echo request must not stall the running streams to compile
+        slots.warm_up(score=slots.can_score)
     scheduler = Scheduler(slots, tokenizer, default_stop_ids(tokenizer),
                           max_queue_delay_ms / 1000, max_queue_size, Metrics(name, registry))
     scheduler.start()

@@ -152,7 +152,7 @@ def make_chat_llama(directory) -> str:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=160, vocab_size=tok.vocab_size, max_position_embeddings=128,
+        intermediate_size=160, vocab_size=tok.vocab_size, max_position_embeddings=256,
         rope_theta=5000.0, rms_norm_eps=1e-5, bos_token_id=inner.token_to_id("<|begin_of_text|>"),
         eos_token_id=inner.token_to_id("<|eot_id|>"), pad_token_id=tok.eod_id)
     model = transformers.LlamaForCausalLM(cfg).eval()

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from conftest import ROOT
+from lm.chat import validate_messages
 from lm.generate import Engine, SamplingParams
 from test_chat import make_chat_llama
 from test_serve import Served
@@ -43,7 +44,10 @@ def server(llama, trained_workdir):
 
 def hf_greedy(hf_dir, messages, max_new_tokens):
     """transformers' answer: (the prompt ids apply_chat_template gives, the generated ids
-    without the final eos, their text)."""
+    without the final eos, their text). The messages go through lm.chat.validate_messages first:
+    text parts are joined into a string, as lm.serve and vLLM do for a template that reads
+    content as a string (transformers would render the list's Python repr)."""
+    messages = validate_messages(messages)
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -111,7 +115,7 @@ def test_requests_are_routed_by_model(server, trained_workdir):
     cards = {c["id"]: c for c in json.loads(text)["data"]}
     assert set(cards) == {"llama", "tiny"}
     assert cards["tiny"]["max_model_len"] == engine.max_len
-    assert cards["llama"]["max_model_len"] == 128
+    assert cards["llama"]["max_model_len"] == 256
     m = server.metrics()
     tokens = {dict(labels)["model_name"]: v for (name, labels), v in m.items()
               if name == "vllm:generation_tokens_total"}
