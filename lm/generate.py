@@ -595,13 +595,14 @@ class DecodeSlots:
     A request's tokens equal what `Engine.generate` gives it alone: the same sampler and keys.
 
     A prefill is padded to the width bucket of its longest prompt (a power of two; at least
-    BATCHED_MIN_WIDTH for several prompts) and to one row (a prompt alone) or `max_rows(width)`
-    rows: the most, a power of two up to the slots, whose rows x width stay within
-    `max_prefill_tokens`. A group of more prompts is split into several prefills (longest
+    BATCHED_MIN_WIDTH for several prompts) and to the rows bucket of its prompts (a power of
+    two), at most `max_rows(width)`: the most rows, up to the slots, whose rows x width stay
+    within `max_prefill_tokens`. A group of more prompts is split into several prefills (longest
     prompts first): "chunked when prompts are long", which bounds one prefill's memory and
-    latency (one prompt alone always runs, whatever its length). Two row buckets per width, not
-    every power of two, keep the programs `warm_up` compiles to under twice the widths; the
-    padding rows cost at most max_prefill_tokens of compute per prefill."""
+    latency (one prompt alone always runs, whatever its length). Padding rows cost compute in
+    proportion on a CPU: padding 2 prompts to max_rows(width) rows (an earlier form, fewer
+    programs) made lm.serve 0.6x as fast as a prefill per prompt (bench/serve.py); a power of
+    two at most doubles the rows."""
 
     def __init__(self, prefill_fn, decode_fn, params, empty_cache,
                  context=contextlib.nullcontext, *, score_fn=None, max_prefill_tokens: int = 4096):
@@ -640,7 +641,7 @@ class DecodeSlots:
 
     def _rows(self, n: int, width: int) -> int:
         """The padded rows of a prefill of n prompts of (at most) `width`."""
-        return 1 if n == 1 else self.max_rows(width)
+        return min(bucket(n), self.max_rows(width))
 
     def _chunks(self, lengths: list[int]) -> list[list[int]]:
         """The prompts (indices into `lengths`) of each prefill: longest first, as many per
@@ -771,14 +772,16 @@ class DecodeSlots:
         return out
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
-        """Every (rows, width) a prefill of insert_many (or a `score`) can have: one row or
-        `max_rows(width)` (when more than one prompt fits the slots)."""
+        """Every (rows, width) a prefill of insert_many (or a `score`) can have: one row of any
+        width bucket, or 2, 4, ... up to `max_rows(width)` rows of a batched width."""
         shapes = set()
         for w in {self._width(n) for n in range(1, self.max_len + 1)}:
             shapes.add((1, w))
             batched = self._width(w, batched=True)
-            if min(self.num_slots, self.max_rows(batched)) > 1:
-                shapes.add((self.max_rows(batched), batched))
+            rows = 2
+            while rows <= self.max_rows(batched):
+                shapes.add((rows, batched))
+                rows *= 2
         return sorted(shapes)
 
     def warm_up(self, score: bool = False) -> None:

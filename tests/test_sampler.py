@@ -192,10 +192,13 @@ def test_prefills_are_chunked_by_the_token_budget(slots8):
     budget = slots8.max_prefill_tokens
     try:
         slots8.max_prefill_tokens = 64
-        # 40 tokens: 64 wide, alone; 30 and 20: 32 wide, 2 rows; 5 and 3: 16 wide, 4 rows.
+        # 40 tokens: 64 wide, alone; 30 and 20: 32 wide, 2 rows; 5 and 3: 16 wide, 2 of at
+        # most 4 rows.
         assert slots8._chunks([40, 3, 20, 30, 5]) == [[0], [3, 2], [4, 1]]
+        assert slots8._batch([[0] * 5, [0] * 3])[0].shape == (2, 16)
+        assert slots8._batch([[0] * 5, [0] * 3, [0]])[0].shape == (4, 16)
         assert slots8.prefill_shapes() == [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (1, 32),
-                                           (1, 64), (2, 32), (4, 16)]
+                                           (1, 64), (2, 16), (2, 32), (4, 16)]
         # Whatever the group, every prefill has a shape warm_up compiles.
         rng = np.random.default_rng(4)
         for budget_now in (64, 4096):

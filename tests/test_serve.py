@@ -255,7 +255,12 @@ def test_full_queue_gets_429_at_once_and_a_late_request_503(trained_workdir):
         s.close()
 
 
-def test_serving_an_export_and_a_bad_checkpoint(trained_workdir, tmp_path, engine):
+def test_serving_an_export_draining_on_sigterm_and_a_bad_checkpoint(trained_workdir, tmp_path,
+                                                                     engine):
+    """An export serves what the engine generates; SIGTERM during a stream lets it finish
+    (every token, finish_reason "length") before the process exits; a missing checkpoint is a
+    clear error (exit 2, no traceback)."""
+    import signal
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "lm.export", "--checkpoint",
                            str(trained_workdir), "--out", str(out)], capture_output=True,
@@ -271,6 +276,16 @@ def test_serving_an_export_and_a_bad_checkpoint(trained_workdir, tmp_path, engin
                 model="m", prompt=p, max_tokens=6, temperature=0).choices[0]
                 .model_extra["token_ids"], prompts))
         assert got == want
+        stream = iter(s.client.completions.create(model="m", prompt=[5, 6, 7], max_tokens=60,
+                                                  temperature=0, stream=True,
+                                                  extra_body={"ignore_eos": True}))
+        chunks = [next(stream)]
+        s.proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert sum(len(c.choices[0].model_extra.get("token_ids") or []) for c in chunks) == 60
+        assert chunks[-1].choices[0].finish_reason == "length"
+        # uvicorn re-raises the signal once it has drained
+        assert s.proc.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         s.close()
     proc = subprocess.run([sys.executable, "-m", "lm.serve", "--checkpoint",
