@@ -75,6 +75,16 @@ def number(body, name, default, lo, hi, integer=False, lo_open=False):
     return x
 
 
+def flag(body, name, default: bool) -> bool:
+    """body[name] (default when absent or null), checked to be true or false."""
+    x = body.get(name)
+    if x is None:
+        return default
+    if not isinstance(x, bool):
+        raise BadRequest(name, f"{name} must be true or false, got {json.dumps(x)[:80]}")
+    return x
+
+
 def _string(body, name):
     if name in body and body[name] is not None and not isinstance(body[name], str):
         raise BadRequest(name, f"{name} must be a string")
@@ -143,14 +153,10 @@ def parse_completion(body, tokenizer, vocab_size: int, max_len: int, max_n: int,
     if "prompt" not in body:
         raise BadRequest("prompt", "prompt is required (a string, a list of token ids, or a "
                          "list of either)")
-    add_special = body.get("add_special_tokens", True)
-    if not isinstance(add_special, bool):
-        raise BadRequest("add_special_tokens", "add_special_tokens must be true or false")
+    add_special = flag(body, "add_special_tokens", True)
     prompts = _prompts(body["prompt"], tokenizer, vocab_size, add_special)
     logprobs = number(body, "logprobs", None, 0, TOP_LOGPROBS, integer=True)
-    echo = body.get("echo", False)
-    if not isinstance(echo, bool):
-        raise BadRequest("echo", f"echo must be true or false, got {json.dumps(echo)}")
+    echo = flag(body, "echo", False)
     return _sampling(body, prompts, tokenizer, vocab_size, max_len, max_n, eod_ids,
                      logprobs, echo, "max_tokens")
 
@@ -195,9 +201,7 @@ def _sampling(body, prompts, tokenizer, vocab_size, max_len, max_n, eod_ids, log
     seed = number(body, "seed", None, 0, 2 ** 32 - 1 - n, integer=True)
     if seed is None:
         seed = secrets.randbelow(2 ** 31)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream", f"stream must be true or false, got {json.dumps(stream)}")
+    stream = flag(body, "stream", False)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -208,9 +212,7 @@ def _sampling(body, prompts, tokenizer, vocab_size, max_len, max_n, eod_ids, log
     frequency = number(body, "frequency_penalty", 0.0, -2, 2)
     repetition = number(body, "repetition_penalty", 1.0, 0, 2, lo_open=True)
     bias = _logit_bias(body.get("logit_bias"), vocab_size)
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise BadRequest("ignore_eos", "ignore_eos must be true or false")
+    ignore_eos = flag(body, "ignore_eos", False)
     extra_ids = body.get("stop_token_ids") or []
     if not isinstance(extra_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
@@ -222,10 +224,7 @@ def _sampling(body, prompts, tokenizer, vocab_size, max_len, max_n, eod_ids, log
         stop_ids = tuple(extra_ids) + (() if ignore_eos else tuple(eod_ids))
     for name in ("model", "user"):
         _string(body, name)
-    as_ids = body.get("return_tokens_as_token_ids") or False
-    if not isinstance(as_ids, bool):
-        raise BadRequest("return_tokens_as_token_ids", "return_tokens_as_token_ids must be true "
-                         "or false")
+    as_ids = flag(body, "return_tokens_as_token_ids", False)
     sampling = [SamplingParams(
         max_new_tokens=max_tokens, temperature=float(temperature), top_k=max(0, top_k),
         top_p=float(top_p), seed=seed + j, stop=tuple(stop), presence_penalty=float(presence),
@@ -297,9 +296,7 @@ def parse_chat(body, template, tokenizer, vocab_size: int, max_len: int, max_n: 
     _unknown_fields(body, CHAT_FIELDS)
     if "messages" not in body:
         raise BadRequest("messages", "messages is required (a list of {role, content})")
-    add_prompt = body.get("add_generation_prompt", True)
-    if not isinstance(add_prompt, bool):
-        raise BadRequest("add_generation_prompt", "add_generation_prompt must be true or false")
+    add_prompt = flag(body, "add_generation_prompt", True)
     try:
         text = template.render(validate_messages(body["messages"]),
                                add_generation_prompt=add_prompt)
