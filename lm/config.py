@@ -93,6 +93,11 @@ class ModelConfig:
                          "XLA path) or 'auto' (cudnn where it runs, else lm's own: "
                          "lm.model.causal_attention)", ATTENTION)
 
+    quantized: str = key("none", "'int8': the layer matmuls are stored as int8 weights with "
+                         "calibrated int8 activation scales and run as int8 x int8 -> int32 "
+                         "(a checkpoint written by `python -m lm.quantize`; inference only)",
+                         ("none", "int8"))
+
     # Keys that change how the layers run, not the parameters: a run may resume with others.
     EXECUTION_KEYS = ("scan_layers", "remat", "attention")
 

@@ -30,7 +30,7 @@ from flax import nnx
 from lm import sharding
 from lm.config import ConfigError
 from lm.data import tokenizer as tokenizers
-from lm.quantize import quantize
+from lm import quantize as int8
 
 if TYPE_CHECKING:
     from lm.model import Transformer
@@ -444,11 +444,12 @@ class Engine:
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = (jax.tree.map(lambda _: one, abstract) if mesh is None
                          else sharding.param_shardings(abstract, mesh, sharding.RULES))
-            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
+            return int8.for_model(run.model, jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                shardings))
         run, workdir, _, params = load_params(path, abstract_for)
         graphdef, _ = abstract_model(run.model, run.precision, run.task)
-        params = quantize(params) if int8_weights else params
+        params = int8.quantize(params) if int8_weights else params
         tok = None
         with contextlib.suppress(OSError, ValueError, KeyError):
             tok = tokenizers.from_workdir(workdir)

@@ -42,7 +42,7 @@ from jaxtyping import Array, Float, Int
 
 from lm.config import ConfigError, ModelConfig, PrecisionConfig, TaskConfig
 from lm.pipeline import Pipeline, run as run_pipeline
-from lm.quantize import Int8Array, quantize_weight
+from lm.quantize import Int8Array, Int8Matmul, Observed, quantize_weight
 from lm.sharding import KV_CACHE_AXES, REPLICATED, constrain
 
 Initializer = jax.nn.initializers.Initializer
@@ -94,8 +94,16 @@ def dense(x: Float[Array, "... I"], w: Float[Array, "I O"], n_in: int = 1) -> Fl
 
 def dense_named(x, w, n_in: int = 1):
     """`dense` (plain autodiff where it does not steer) whose output the 'dots' remat policy
-    keeps (a custom VJP hides its matmul from jax's own dot-finding policies)."""
-    y = dense(x, w, n_in) if steers("dense") else jnp.tensordot(x, w.astype(x.dtype), n_in)
+    keeps (a custom VJP hides its matmul from jax's own dot-finding policies). A calibrated
+    int8 weight (`lm.quantize.Int8Matmul`) runs int8 x int8 -> int32; an `Observed` one
+    (calibration) reports x first."""
+    if isinstance(w, Observed):
+        w.record(x)
+        w = w.w
+    if isinstance(w, Int8Matmul):
+        y = w.matmul(x, n_in)
+    else:
+        y = dense(x, w, n_in) if steers("dense") else jnp.tensordot(x, w.astype(x.dtype), n_in)
     return checkpoint_name(y, "dot")
 
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm import quantize
 from lm.config import ConfigError
 from lm.data import tokenizer as lm_tokenizer
 
@@ -65,8 +66,8 @@ def load_checkpoint(path: str):
                               "item nor WORKDIR/config.json)")
         _, abstract = abstract_model(run.model, run.precision, run.task)
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                            abstract)
+        return quantize.for_model(run.model, jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract))
 
     run, workdir, _, params = load_params(path, abstract_for)
     tok = None

@@ -347,6 +347,10 @@ def train(run: RunConfig, workdir: str) -> TrainState:
     """Runs `run` to completion in `workdir`, resuming from its latest complete checkpoint;
     returns the final state (sharded arrays). SIGTERM / SIGINT save a checkpoint at the next
     step boundary and return early."""
+    if run.model.quantized != "none":
+        raise ConfigError(f"model.quantized is {run.model.quantized!r}: an int8 checkpoint "
+                          "(lm.quantize) is for inference; train or fine-tune its float "
+                          "checkpoint")
     workdir = os.path.abspath(workdir)
     _check_writable(workdir)
     mesh = sharding.make_mesh(run.mesh)
