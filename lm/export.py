@@ -1,6 +1,6 @@
 """Serving functions that run without the model's Python code: `jax.export`.
 
-    python -m lm.export --checkpoint DIR --out DIR [--platforms cpu,cuda]
+    python -m lm.export --checkpoint DIR --out DIR [--platforms cpu,cuda] [--format jax|onnx]
 
 writes, into OUT:
     prefill.jaxexport   (params, tokens [b, p], lengths [b]) -> (logits [b, V] of each row's last
@@ -16,6 +16,9 @@ instead of prefill and decode:
                         [b, D], "probs" [b, C] (classify) or "start" / "end" [b, t] (span)}
                         (lm.finetune.encoder_function; b and t symbolic), with export.json's
                         "task", "labels" and "seq_len" (what the head was trained on)
+
+With `--format onnx` (default `jax`) it writes standalone ONNX files instead (prefill.onnx and
+decode.onnx, or encoder.onnx, weights inside) and a Triton model repository: lm.onnx_export.
 
 `lm.export.load(OUT)` returns an `Exported` whose `prefill` and `decode_step` call the
 deserialized functions, and whose `slots` (continuous batching, `lm.generate.DecodeSlots`) and
@@ -40,6 +43,7 @@ from lm.sharding import KV_CACHE_BATCH_AXIS
 
 PREFILL, DECODE, PARAMS, META = "prefill.jaxexport", "decode.jaxexport", "params.npz", "export.json"
 ENCODER = "encoder.jaxexport"
+FORMATS = ("jax", "onnx")  # --format
 
 
 def _is_encoder(checkpoint: str) -> bool:
@@ -171,16 +175,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="a training workdir (its latest checkpoint) or one checkpoint dir")
     p.add_argument("--out", required=True)
-    p.add_argument("--platforms", help="comma-separated, e.g. cpu,cuda (default: this backend)")
+    p.add_argument("--platforms", help="comma-separated, e.g. cpu,cuda (default: this backend; "
+                   "--format jax only)")
+    p.add_argument("--format", default="jax", choices=FORMATS,
+                   help="jax: jax.export artifacts (lm.export.load runs them); onnx: standalone "
+                   "ONNX files and a Triton model repository (lm.onnx_export)")
     args = p.parse_args(argv)
+    if args.format == "onnx" and args.platforms:
+        p.error("--platforms applies to --format jax (an ONNX file runs on any backend its "
+                "runtime has)")
     try:
-        meta = export(args.checkpoint, args.out,
-                      tuple(args.platforms.split(",")) if args.platforms else None)
+        if args.format == "onnx":
+            from lm import onnx_export
+            meta = onnx_export.export(args.checkpoint, args.out)
+        else:
+            meta = export(args.checkpoint, args.out,
+                          tuple(args.platforms.split(",")) if args.platforms else None)
     except ConfigError as e:
         print(f"lm.export: error: {e}", file=sys.stderr)
         sys.exit(2)
     what = "the encoder" if meta.get("kind") == "encoder" else "prefill and decode step"
-    print(f"exported {what} ({', '.join(meta['platforms'])}) to {args.out}")
+    where = "ONNX" if args.format == "onnx" else ", ".join(meta["platforms"])
+    print(f"exported {what} ({where}) to {args.out}")
 
 
 if __name__ == "__main__":
