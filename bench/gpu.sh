@@ -23,6 +23,9 @@
 #             BertForQuestionAnswering fp16 / bf16 / fp32 (TF32), then configs/finetune.py:classify
 #             with a BERT-base body: train step fp16 (loss-scaled) vs fp32, batch 32 x 128
 #             (~4 min; ENCODER_RUNS, ENCODER_TIMEOUT)
+#   int8      bench/int8.py --speed-only: prefill 8 x 128 and decode steps at batch 1 / 8 of a
+#             4 x 768 gpt2-style model: calibrated int8 (int8 x int8 -> int32) and weight-only
+#             int8 against bf16 (~2 min; INT8_TIMEOUT)
 # CPU dry run of the same commands, tiny shapes: SHAPE_OVERRIDE=cpu bash bench/gpu.sh gpt2
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -87,6 +90,9 @@ for section in ${@:-llama gpt2 decode}; do
         --runs ${ENCODER_RUNS:-$([ "$gpu" = 1 ] && echo 100 || echo 3)} --warmup 3 --train-step \
         --peer-python "$py" --json "$OUT/encoder_latency.json" 2>&1 | tee "$OUT/encoder.log" \
         | grep -v "^  (peer" ;;
-    *) echo "unknown section $section (llama gpt2 precision decode decode-graphs trace bert encoder)"; exit 2 ;;
+    int8) echo "== int8"  # calibrated int8 matmuls and weight-only int8 vs bf16 (issue 23)
+      timeout ${INT8_TIMEOUT:-200} $py bench/int8.py --speed-only --dtype $dt --rounds 5 \
+        --json "$OUT/int8.json" 2>&1 | tee "$OUT/int8.log" ;;
+    *) echo "unknown section $section (llama gpt2 precision decode decode-graphs trace bert encoder int8)"; exit 2 ;;
   esac
 done

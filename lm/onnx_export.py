@@ -292,7 +292,15 @@ def export(checkpoint: str, out: str) -> dict:
     except ImportError as e:
         raise ConfigError(f"--format onnx needs jax2onnx and onnx ({e}); install them with "
                           "`pip install -e '.[dev]'`") from e
+    from lm.checkpoint import checkpoint_config
     from lm.export import _is_encoder
+    saved, _ = checkpoint_config(checkpoint)
+    if (saved or {}).get("model", {}).get("quantized", "none") != "none":
+        # jax2onnx writes an int8 Einsum, which onnxruntime has no kernel for (MatMulInteger /
+        # QDQ nodes would be needed).
+        raise ConfigError(f"{checkpoint} is an int8 checkpoint (lm.quantize): --format onnx "
+                          "exports float checkpoints only; export its float checkpoint, or "
+                          "this one with --format jax")
     return (export_encoder if _is_encoder(checkpoint) else export_decoder)(checkpoint, out)
 
 
