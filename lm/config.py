@@ -36,6 +36,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence", "pipeline")
 PIPELINE_SCHEDULES = ("gpipe", "interleaved")
 # mesh.rules: presets joined with '+' (lm.sharding.layout): dp, zero1, zero2, zero3, fsdp, tp, sp.
 RULE_PARTS = ("dp", "zero1", "zero2", "zero3", "fsdp", "tp", "sp")
+SPARSITY = ("", "none", "2:4")  # train.sparsity (lm/sparsity.py)
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,12 @@ class ModelConfig:
                          "head_dim <= 128, multiple of 8), 'xla' (jax.nn.dot_product_attention's "
                          "XLA path) or 'auto' (cudnn where it runs, else lm's own: "
                          "lm.model.causal_attention)", ATTENTION)
+    fused_projections: bool = key(False, "one matmul weight for attention's q, k and v (wqkv "
+                                  "[embed, kv_heads, num_heads / num_kv_heads + 2, head_dim]: "
+                                  "each kv group's query heads, then its k and v; biases bqkv) "
+                                  "and one for SwiGLU's gate and up (wgi [embed, 2, mlp]); the "
+                                  "same maths, other parameters (lm.fuse converts; lm.generate "
+                                  "and lm.serve --fuse fuse an unfused checkpoint when loading)")
 
     quantized: str = key("none", "'int8': the layer matmuls are stored as int8 weights with "
                          "calibrated int8 activation scales and run as int8 x int8 -> int32 "
@@ -164,6 +171,12 @@ class TrainConfig:
     profile_steps: str = key("", "'START:STOP': a jax.profiler trace of steps START..STOP "
                              "(from 1, inclusive) into WORKDIR/tb (TensorBoard's profile tab); "
                              "'' = off")
+    sparsity: str = key("", "'2:4': structured sparsity as NVIDIA's ASP (lm/sparsity.py): at "
+                        "the start (after init or train.init_from, typically a trained dense "
+                        "checkpoint) every layer matmul weight keeps the 2 largest of each 4 "
+                        "consecutive entries along its input axis, and every update keeps those "
+                        "masks (gradients masked before the optimizer, weights after); '' or "
+                        "'none': dense", SPARSITY)
 
     @property
     def profile_window(self) -> tuple[int, int] | None:
@@ -505,6 +518,10 @@ def validate(run: RunConfig) -> None:
     _check(not t.profile_steps or t.profile_window, "train.profile_steps",
            f"must be 'START:STOP' with integers 1 <= START <= STOP (e.g. '10:12'), or '' (no "
            f"trace), got {t.profile_steps!r}")
+    if t.sparsity == "2:4":  # groups of 4 along every input axis: D (and N x H = D), F
+        for name, size in (("model.d_model", m.d_model), ("model.mlp_dim", m.mlp_dim)):
+            _check(size % 4 == 0, name, f"({size}) must be a multiple of 4 for "
+                   "train.sparsity '2:4' (groups of 4 along each matmul's input axis)")
     _check(o.name != "nvlamb" or o.clip_norm > 0, "optim.clip_norm",
            "must be positive for nvlamb: it is NVLAMB's max_grad_norm, the global gradient-norm "
            "pre-normalisation (NVIDIA's default 1.0)")

@@ -3,6 +3,7 @@ continuous-batching slots.
 
     python -m lm.generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3)
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
+        [--quantize int8] [--kv-cache int8] [--fuse]
 
 checkpoint -> `Engine` -> `Engine.generate` (an offline batch: prefill, then one jitted
 `while_loop`) or `Engine.slots` -> `DecodeSlots` (rows of one cache that requests enter and
@@ -426,11 +427,12 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path: str, mesh=None, cache_dtype=None,
-                        int8_weights: bool = False) -> "Engine":
+                        int8_weights: bool = False, fuse: bool = False) -> "Engine":
         """A training workdir (its latest checkpoint), its checkpoints/ or one checkpoints/STEP
         directory; the tokenizer from the workdir when it has one. With a `mesh` the parameters
         are restored sharded (tensor / fsdp as the training rules say) onto it; `int8_weights`:
-        weight-only int8 matmul weights (`lm.quantize`)."""
+        weight-only int8 matmul weights (`lm.quantize`); `fuse`: q, k, v and SwiGLU's gate and
+        up as one matmul each (`lm.fuse`; a checkpoint loads as it was saved without)."""
         # orbax is slow to import, and lm.model stays out of lm.export.load's imports.
         from lm.checkpoint import load_params
         from lm.config import ConfigError
@@ -449,6 +451,9 @@ class Engine:
                 shardings))
         run, workdir, _, params = load_params(path, abstract_for)
         graphdef, _ = abstract_model(run.model, run.precision, run.task)
+        if fuse:  # before int8_weights: lm.fuse concatenates float weights
+            from lm.fuse import fuse as fuse_params
+            graphdef, params = fuse_params(graphdef, params, mesh)
         params = int8.quantize(params) if int8_weights else params
         tok = None
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -818,6 +823,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="int8: weight-only int8 matmul weights (lm.quantize)")
     parser.add_argument("--kv-cache", choices=["auto", "int8"], default="auto",
                         help="int8: int8 KV cache (auto: the model's compute dtype)")
+    parser.add_argument("--fuse", action="store_true",
+                        help="q, k, v and the SwiGLU gate and up as one matmul each (lm.fuse)")
     parser.add_argument("--json", action="store_true",
                         help="print {token_ids (generated only), text} as one JSON object")
     args = parser.parse_args(argv)
@@ -827,7 +834,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
             raise ConfigError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
         engine = Engine.from_checkpoint(args.checkpoint, int8_weights=args.quantize == "int8",
-                                        cache_dtype="int8" if args.kv_cache == "int8" else None)
+                                        cache_dtype="int8" if args.kv_cache == "int8" else None,
+                                        fuse=args.fuse)
         tok = engine.tokenizer
         if args.prompt_ids is not None:
             try:

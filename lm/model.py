@@ -53,7 +53,8 @@ REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.save_only_these_names("attention"),
 }
 # Per-feature vectors (biases, norm scales): no weight decay (see lm.optim.decay_mask).
-VECTOR_PARAMS = frozenset({"scale", "bias", "bq", "bk", "bv", "bo", "bi", "vocab_bias"})
+VECTOR_PARAMS = frozenset({"scale", "bias", "bq", "bk", "bv", "bqkv", "bo", "bi",
+                           "vocab_bias"})
 # The custom VJPs that only steer XLA, and the backends (jax.default_backend()) that use each;
 # elsewhere plain autodiff runs. Each was measured faster on XLA:CPU (bench/RESULTS.md). On GPUs
 # and TPUs they are unmeasured and stay on for now: `bench/train_throughput.py --steering`
@@ -338,7 +339,7 @@ _softmax_to.defvjp(_softmax_to_fwd, _softmax_to_bwd)
 
 class Attention(nnx.Module):
     """Multi-head attention with `num_kv_heads` shared key/value heads (GQA); causal but for
-    BERT."""
+    BERT. With model.fused_projections, q, k and v come from one matmul (`wqkv`, lm.fuse)."""
 
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -346,15 +347,25 @@ class Attention(nnx.Module):
         # GPT-2's residual projections start smaller so the residual stream's variance stays flat.
         out_init = jax.nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
         self.cfg = cfg
-        self.wq = _param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), dtype)
-        self.wk = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
-        self.wv = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        zeros = jax.nn.initializers.zeros
+        if cfg.fused_projections:
+            # One matmul for q, k and v (lm.fuse): kv group j holds its N / K query heads, then
+            # its k and v head. Split over kv_heads, a tensor-parallel shard keeps whole groups.
+            self.wqkv = _param(rngs, init, (d, k, n // k + 2, h),
+                               ("embed", "kv_heads", None, "head_dim"), dtype)
+            if cfg.biases:
+                self.bqkv = _param(rngs, zeros, (k, n // k + 2, h),
+                                   ("kv_heads", None, "head_dim"), dtype)
+        else:
+            self.wq = _param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), dtype)
+            self.wk = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+            self.wv = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+            if cfg.biases:
+                self.bq = _param(rngs, zeros, (n, h), ("heads", "head_dim"), dtype)
+                self.bk = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
+                self.bv = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
         self.wo = _param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), dtype)
         if cfg.biases:
-            zeros = jax.nn.initializers.zeros
-            self.bq = _param(rngs, zeros, (n, h), ("heads", "head_dim"), dtype)
-            self.bk = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
-            self.bv = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), dtype)
             self.bo = _param(rngs, zeros, (d,), ("embed",), dtype)
 
     def __call__(self, x_btd: Float[Array, "B T D"], rope_bt=None, cache=None, lengths_b=None
@@ -366,11 +377,20 @@ class Attention(nnx.Module):
         (`model.attention`; BERT: over each row's first `lengths_b` tokens)."""
         cfg, dt = self.cfg, x_btd.dtype
 
-        q_btnh, k_btkh, v_btkh = (dense_named(x_btd, w[...]) for w in (self.wq, self.wk, self.wv))
-        if cfg.biases:
-            q_btnh += self.bq[...].astype(dt)
-            k_btkh += self.bk[...].astype(dt)
-            v_btkh += self.bv[...].astype(dt)
+        if cfg.fused_projections:
+            qkv_btkgh = dense_named(x_btd, self.wqkv[...])  # [B, T, K, N / K + 2, H]
+            if cfg.biases:
+                qkv_btkgh += self.bqkv[...].astype(dt)
+            g = cfg.num_heads // cfg.num_kv_heads
+            q_btnh = qkv_btkgh[..., :g, :].reshape(*qkv_btkgh.shape[:2], cfg.num_heads, -1)
+            k_btkh, v_btkh = qkv_btkgh[..., g, :], qkv_btkgh[..., g + 1, :]
+        else:
+            q_btnh, k_btkh, v_btkh = (dense_named(x_btd, w[...])
+                                      for w in (self.wq, self.wk, self.wv))
+            if cfg.biases:
+                q_btnh += self.bq[...].astype(dt)
+                k_btkh += self.bk[...].astype(dt)
+                v_btkh += self.bv[...].astype(dt)
         if cfg.rope:
             q_btnh = rope(q_btnh, rope_bt)
             k_btkh = rope(k_btkh, rope_bt)
@@ -397,17 +417,24 @@ class Mlp(nnx.Module):
         init = jax.nn.initializers.normal(0.02)
         out_init = jax.nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
         self.gated, self.approximate = cfg.style == "llama", cfg.gelu_approximate
-        self.wi = _param(rngs, init, (d, f), ("embed", "mlp"), dtype)
-        self.wo = _param(rngs, out_init, (f, d), ("mlp", "embed"), dtype)
-        if self.gated:
-            self.wg = _param(rngs, init, (d, f), ("embed", "mlp"), dtype)
+        self.fused = self.gated and cfg.fused_projections
+        if self.fused:  # gate and up as one matmul (lm.fuse): [..., 0, :] gate, [..., 1, :] up
+            self.wgi = _param(rngs, init, (d, 2, f), ("embed", None, "mlp"), dtype)
         else:
+            self.wi = _param(rngs, init, (d, f), ("embed", "mlp"), dtype)
+        self.wo = _param(rngs, out_init, (f, d), ("mlp", "embed"), dtype)
+        if self.gated and not self.fused:
+            self.wg = _param(rngs, init, (d, f), ("embed", "mlp"), dtype)
+        elif not self.gated:
             zeros = jax.nn.initializers.zeros
             self.bi = _param(rngs, zeros, (f,), ("mlp",), dtype)
             self.bo = _param(rngs, zeros, (d,), ("embed",), dtype)
 
     def __call__(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         dt = x_btd.dtype
+        if self.fused:
+            gh_bt2f = dense_named(x_btd, self.wgi[...])
+            return _swiglu_out(gh_bt2f[..., 0, :], gh_bt2f[..., 1, :], self.wo[...])
         h_btf = dense_named(x_btd, self.wi[...])
         if self.gated:
             out_btd = _swiglu_out(dense_named(x_btd, self.wg[...]), h_btf, self.wo[...])

@@ -149,7 +149,7 @@ def _names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
-def _matmul(path) -> tuple[str, tuple[int, ...]] | None:
+def layer_matmul(path) -> tuple[str, tuple[int, ...]] | None:
     """(the weight's path 'blocks/attn/wq', its input axes) for a stacked layer matmul weight,
     else None."""
     names = _names(path)
@@ -165,7 +165,7 @@ def _matmul(path) -> tuple[str, tuple[int, ...]] | None:
 def map_matmuls(params: Any, fn: Callable[[str, Any, tuple[int, ...]], Any]) -> Any:
     """`params` with each stacked layer matmul weight w replaced by fn(path, w, input axes)."""
     def visit(path, leaf):
-        found = None if isinstance(leaf, _ANY) else _matmul(path)
+        found = None if isinstance(leaf, _ANY) else layer_matmul(path)
         return leaf if found is None else fn(found[0], leaf, found[1])
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=lambda x: isinstance(x, _ANY))
 

@@ -4,7 +4,8 @@
     python -m lm.serve (--checkpoint DIR | --export DIR | --model NAME=DIR ...) [--host 127.0.0.1]
         [--port 8000] [--model-name NAME] [--max-batch-size 8] [--max-queue-delay-ms 5]
         [--max-queue-size 256] [--timeout-s 60] [--max-body-mb 16] [--read-timeout-s 30]
-        [--max-connections 1024] [--quantize int8] [--kv-cache int8] [--data N --tensor N]
+        [--max-connections 1024] [--quantize int8] [--kv-cache int8] [--fuse]
+        [--data N --tensor N]
         [--preferred-batch-sizes 4,8]                                  (encoders)
 
 Routes (`lm.protocol` parses the bodies; docs/serving.md has every field):
@@ -648,17 +649,18 @@ class HTTPServer:
 
 def build(checkpoint: str | None = None, export: str | None = None, *, max_batch_size: int = 8,
           quantize: str = "none", kv_cache: str = "auto", data: int = 1,
-          tensor: int = 1) -> tuple[DecodeSlots, object, int]:
+          tensor: int = 1, fuse: bool = False) -> tuple[DecodeSlots, object, int]:
     """(`max_batch_size` decode slots, the tokenizer (None: token ids only), the vocabulary size
     (prompt ids are checked against it)) for a checkpoint (`quantize="int8"`: int8 weights;
-    `kv_cache="int8"`: an int8 cache; split over `data` x `tensor` devices) or for an export
-    directory, which is served as it was exported."""
+    `kv_cache="int8"`: an int8 cache; split over `data` x `tensor` devices; `fuse`: fused q, k, v
+    and gate, up projections, `lm.fuse`) or for an export directory, which is served as it was
+    exported."""
     if (checkpoint is None) == (export is None):
         raise ValueError("serve a checkpoint or an export directory (one of them)")
     if export is not None:
-        if quantize != "none" or kv_cache != "auto" or data * tensor > 1:
-            raise ValueError("--quantize, --kv-cache, --data and --tensor apply to --checkpoint; "
-                             "an export is served as it was exported")
+        if quantize != "none" or kv_cache != "auto" or data * tensor > 1 or fuse:
+            raise ValueError("--quantize, --kv-cache, --fuse, --data and --tensor apply to "
+                             "--checkpoint; an export is served as it was exported")
         exported = load_export(export)
         return exported.slots(max_batch_size), exported.tokenizer, exported.meta["vocab_size"]
     n = data * tensor
@@ -668,7 +670,8 @@ def build(checkpoint: str | None = None, export: str | None = None, *, max_batch
     mesh = None if n == 1 else sharding.make_mesh(MeshConfig(data=data, tensor=tensor),
                                                   jax.devices()[:n])  # the first n devices
     engine = Engine.from_checkpoint(checkpoint, mesh=mesh, int8_weights=quantize == "int8",
-                                    cache_dtype="int8" if kv_cache == "int8" else None)
+                                    cache_dtype="int8" if kv_cache == "int8" else None,
+                                    fuse=fuse)
     return engine.slots(max_batch_size), engine.tokenizer, engine.cfg.vocab_size
 
 
@@ -797,8 +800,9 @@ def load_models(args, registry) -> tuple[list, list[str]]:
     models, what = [], []
     for name, kind, path in parse_models(args):
         if kind == "checkpoint" and is_encoder_checkpoint(path):
-            if (args.quantize, args.kv_cache, args.data, args.tensor) != ("none", "auto", 1, 1):
-                raise ConfigError("--quantize, --kv-cache, --data and --tensor apply to "
+            if (args.quantize, args.kv_cache, args.data, args.tensor, args.fuse) != (
+                    "none", "auto", 1, 1, False):
+                raise ConfigError("--quantize, --kv-cache, --fuse, --data and --tensor apply to "
                                   "decoders; an encoder checkpoint is served on one device")
             from lm.finetune import Encoder
             encoder = Encoder.from_checkpoint(path, args.max_batch_size)
@@ -816,7 +820,7 @@ def load_models(args, registry) -> tuple[list, list[str]]:
             name, **{kind: path}, max_batch_size=args.max_batch_size,
             max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
             registry=registry, quantize=args.quantize, kv_cache=args.kv_cache,
-            data=args.data, tensor=args.tensor)
+            data=args.data, tensor=args.tensor, fuse=args.fuse)
         model.scheduler.batched_prefill = args.prefill == "batched"
         model.scheduler.incremental = args.detokenize == "incremental"
         models.append(model)
@@ -859,6 +863,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="full: decode the whole text at every token (bench/serve.py's comparison)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none")
     p.add_argument("--kv-cache", choices=["auto", "int8"], default="auto")
+    p.add_argument("--fuse", action="store_true",
+                   help="q, k, v and the SwiGLU gate and up as one matmul each (lm.fuse)")
     p.add_argument("--data", type=int, default=1, help="devices the slots are split over")
     p.add_argument("--tensor", type=int, default=1, help="devices heads are split over")
     args = p.parse_args(argv)

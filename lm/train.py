@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import distributed, finetune, generate, hardware, plan, sharding
+from lm import distributed, finetune, generate, hardware, plan, sharding, sparsity
 from lm.checkpoint import Checkpointer, load_params, merge_params
 from lm import tasks
 from lm.config import ConfigError, RunConfig, TaskConfig, from_config_dict
@@ -73,6 +73,7 @@ class StepParts:
     task: TaskConfig = TaskConfig()
     masking: Masking | None = None  # masked-LM tasks: the ids mask_batch needs
     seed: int = 0  # train.seed: the masks' keys
+    sparse: bool = False  # train.sparsity 2:4: the layer matmuls keep their 2:4 masks
 
 
 @dataclasses.dataclass
@@ -85,6 +86,7 @@ class Trainer:
     train_step: Any  # (state, batch) -> (state, metrics)
     eval_step: Any   # (params, batch, index) -> sums (`eval_sums`); fine-tuning: (params,
     #                  batch) -> the head's outputs (lm.finetune.head_outputs), replicated
+    prune: Any = None  # state -> state 2:4-pruned (`prune_state`; train.sparsity)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (for restoring onto this mesh)."""
@@ -194,15 +196,33 @@ def _microbatches(parts: StepParts, batch):
         split_microbatches(a, parts.microbatches), parts.micro_sharding), batch)
 
 
-def apply_update(tx: optax.GradientTransformation, state: TrainState, grads):
-    """(params, opt_state, master) after one optimizer update with float32 `grads`."""
+def apply_update(tx: optax.GradientTransformation, state: TrainState, grads, masks=None):
+    """(params, opt_state, master) after one optimizer update with float32 `grads`; `masks`
+    (2:4 sparsity, lm.sparsity.mask): the updated weights are masked again (an optimizer that
+    moves zero-gradient entries, weight decay or LAMB's ratios, cannot revive pruned ones)."""
+    keep = (lambda w: w) if masks is None else functools.partial(sparsity.constrain, masks)
     if state.master is not None:
         updates, opt_state = tx.update(grads, state.opt_state, state.master)
-        master = optax.apply_updates(state.master, updates)
+        master = keep(optax.apply_updates(state.master, updates))
         return jax.tree.map(lambda m, p: m.astype(p.dtype), master, state.params), opt_state, master
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), opt_state, None
+    return keep(optax.apply_updates(state.params, updates)), opt_state, None
+
+
+def prune_state(tx: optax.GradientTransformation, state: TrainState) -> TrainState:
+    """2:4 sparsity's start (train.sparsity): the layer matmul weights pruned to the 2 largest
+    of each 4 along their input axes (lm.sparsity.prune; of the float32 masters where kept),
+    and the optimizer state's entries at the pruned positions (its moments) zeroed. The masks
+    are the weights' own non-zeros from then on, so on a resumed sparse run's state this
+    changes nothing."""
+    masks = sparsity.mask(state.params if state.master is None else state.master)
+    master = None if state.master is None else sparsity.constrain(masks, state.master)
+    params = (sparsity.constrain(masks, state.params) if master is None else
+              jax.tree.map(lambda m, p: m.astype(p.dtype), master, state.params))
+    opt_state = optax.tree_map_params(tx, lambda x, m: sparsity.apply(m, x), state.opt_state,
+                                      masks)
+    return dataclasses.replace(state, params=params, opt_state=opt_state, master=master)
 
 
 def train_step(parts: StepParts, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -214,8 +234,16 @@ def train_step(parts: StepParts, state: TrainState, batch) -> tuple[TrainState, 
     with nnx.logical_axis_rules(parts.layout.acts):  # the model's activation constraints
         loss_metrics, grads = mean_loss_and_grads(parts, state.params, batch,
                                                   state.loss_scale["scale"])
+        masks = None
+        if parts.sparse:
+            # 2:4: the masks are the weights' own non-zeros (lm.sparsity: pruned at the start,
+            # no kept entry ever exactly 0), so a checkpoint needs no extra state. Every path
+            # (microbatches, loss scaling, skipped steps) meets here with the final, unscaled
+            # gradients: masked before the optimizer, its moments of pruned entries stay 0.
+            masks = sparsity.mask(state.params if state.master is None else state.master)
+            grads = sparsity.apply(masks, grads)
         with jax.named_scope("optimizer"):
-            updated = apply_update(parts.tx, state, grads)
+            updated = apply_update(parts.tx, state, grads, masks)
     loss_scale = state.loss_scale
     if parts.skip_nonfinite_updates:
         finite = all_finite(grads)
@@ -289,7 +317,8 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh, masking: Masking | None = Non
         grad_sharding=opt_param_sharding if lay.scatter_grads else None,
         skip_nonfinite_updates=scaler.dynamic or run.train.skip_nonfinite,
         task=run.task, seed=run.train.seed,
-        masking=(masking or Masking(run.model.vocab_size)) if run.task.masked else None)
+        masking=(masking or Masking(run.model.vocab_size)) if run.task.masked else None,
+        sparse=run.train.sparsity == "2:4")
     fresh = functools.partial(new_state, tx=tx, scaler=scaler,
                               master_weights=run.precision.master_weights)
     make_params = lambda: nnx.state(Transformer(run.model, run.precision, run.task,
@@ -302,6 +331,8 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh, masking: Masking | None = Non
                            out_shardings=(state_sharding, replicated)),
         eval_step=(jax.jit(functools.partial(head_eval_step, parts), out_shardings=replicated)
                    if run.task.finetune else jax.jit(functools.partial(eval_step, parts))),
+        prune=jax.jit(functools.partial(prune_state, tx), donate_argnums=(0,),
+                      out_shardings=state_sharding),
     )
 
 
@@ -373,6 +404,10 @@ def train(run: RunConfig, workdir: str) -> TrainState:
     with jax.set_mesh(mesh), _StopRequest() as stop, profiler:
         trainer = build(run, mesh, _masking(run, dataset))
         start, state = _initial_state(run, trainer, ckpt, train_data, tracker)
+        if run.train.sparsity == "2:4":  # a no-op on a resumed sparse run's state
+            state = trainer.prune(state)
+            tracker.write("train.sparsity 2:4: the layer matmul weights keep the 2 largest of "
+                          "each 4 along their inputs (a resumed sparse run's already do)")
         tracker.write(f"{param_count(state.params):,} parameters, mesh {dict(mesh.shape)}, "
                       f"{dataset.num_tokens('train'):,} train tokens "
                       f"({train_data.num_sequences:,} sequences) from {dataset.path}" +

@@ -119,6 +119,11 @@ def test_calibrated_int8_checkpoint_keeps_perplexity_and_greedy_output(tiny, tmp
     assert load(str(tmp_path / "export")).generate(prompts[:2], 8) == q.generate(
         prompts[:2], SamplingParams(max_new_tokens=8))
 
+    onnx = subprocess.run([sys.executable, "-m", "lm.export", "--checkpoint", str(out), "--out",
+                           str(tmp_path / "onnx"), "--format", "onnx"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env=ONE_DEVICE)
+    assert onnx.returncode == 2 and "int8 checkpoint" in onnx.stderr, onnx.stderr[-800:]
+
     # A second calibration into the same directory, or of the int8 checkpoint, is refused.
     for checkpoint, where in ((tiny, out), (out, tmp_path / "again")):
         bad = subprocess.run([sys.executable, "-m", "lm.quantize", "--checkpoint",
