@@ -74,7 +74,7 @@ def test_calibrated_int8_checkpoint_keeps_perplexity_and_greedy_output(tiny, tmp
     """`lm.quantize --method entropy` on the training split: a checkpoint whose layer matmuls
     run int8 x int8 -> int32, held-out perplexity within 1% of float32, and greedy continuations
     of held-out prompts that mostly match (threshold: at least 6 of 8 prompts' 16 tokens
-    identical; measured 8 of 8). lm.generate and lm.export load it like any other."""
+    identical; measured 8 of 8). lm.generate, lm.serve and lm.export load it like any other."""
     out = tmp_path / "int8"
     proc = subprocess.run([sys.executable, "-m", "lm.quantize", "--checkpoint", str(tiny),
                            "--calibrate", str(tiny / "data" / "stdlib"), "--method", "entropy",
@@ -114,6 +114,14 @@ def test_calibrated_int8_checkpoint_keeps_perplexity_and_greedy_output(tiny, tmp
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert json.loads(gen.stdout)["token_ids"] == q.generate(
         [list(q.tokenizer.encode_prompt("def "))], SamplingParams(max_new_tokens=8))[0]
+    from lm.serve import build
+    slots, _, _ = build(str(out), max_batch_size=2)  # what lm.serve --checkpoint runs
+    served = [[slots.insert(i, ids, SamplingParams(max_new_tokens=4))] for i, ids in
+              enumerate(prompts[:2])]
+    for _ in range(3):
+        for ids, token in zip(served, slots.step().token_b):
+            ids.append(int(token))
+    assert served == q.generate(prompts[:2], SamplingParams(max_new_tokens=4))
     from lm.export import export, load
     export(str(out), str(tmp_path / "export"))
     assert load(str(tmp_path / "export")).generate(prompts[:2], 8) == q.generate(
