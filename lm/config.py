@@ -33,7 +33,7 @@ ATTENTION = ("auto", "xla", "cudnn")
 LOSS_SCALE = ("auto", "dynamic", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence", "pipeline")
-PIPELINE_SCHEDULES = ("gpipe", "interleaved")
+PIPELINE_SCHEDULES = ("gpipe", "interleaved", "1f1b")
 # mesh.rules: presets joined with '+' (lm.sharding.layout): dp, zero1, zero2, zero3, fsdp, tp, sp.
 RULE_PARTS = ("dp", "zero1", "zero2", "zero3", "fsdp", "tp", "sp")
 SPARSITY = ("", "none", "2:4")  # train.sparsity (lm/sparsity.py)
@@ -262,8 +262,10 @@ class MeshConfig:
 class PipelineConfig:
     """Pipeline schedules over `mesh.pipeline` stages (`lm/pipeline.py`); unused when
     mesh.pipeline is 1."""
-    schedule: str = key("gpipe", "'gpipe' or 'interleaved' (virtual_stages layer chunks per "
-                        "stage)", PIPELINE_SCHEDULES)
+    schedule: str = key("gpipe", "'gpipe', 'interleaved' (virtual_stages layer chunks per "
+                        "stage) or '1f1b' (one forward, one backward: at most 2 x stages "
+                        "micro-batches' activations kept, whatever pipeline.microbatches; "
+                        "task 'lm')", PIPELINE_SCHEDULES)
     microbatches: int = key(1, "micro-batches per step; a multiple of the stages", ge=1)
     virtual_stages: int = key(1, "layer chunks per stage: 1 for gpipe, >= 2 for interleaved", ge=1)
 
@@ -537,8 +539,9 @@ def validate(run: RunConfig) -> None:
 
     # Both keys name the schedule (lm.pipeline runs by virtual_stages): they must agree.
     _check((pp.schedule == "interleaved") == (pp.virtual_stages > 1), "pipeline.virtual_stages",
-           f"({pp.virtual_stages}) must be 1 for schedule 'gpipe' and >= 2 for 'interleaved' "
-           f"(pipeline.schedule is {pp.schedule!r})")
+           f"({pp.virtual_stages}) must be 1 for schedules 'gpipe' and '1f1b' (interleaved "
+           f"1F1B is not built) and >= 2 for 'interleaved' (pipeline.schedule is "
+           f"{pp.schedule!r})")
     _check((t.batch_size // t.microbatches) % pp.microbatches == 0, "pipeline.microbatches",
            f"({pp.microbatches}) must divide the batch of each step (train.batch_size / "
            f"train.microbatches = {t.batch_size // t.microbatches})")

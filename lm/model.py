@@ -41,7 +41,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from lm.config import ConfigError, ModelConfig, PrecisionConfig, TaskConfig
-from lm.pipeline import Pipeline, run as run_pipeline
+from lm.pipeline import Pipeline, loss_sums, run as run_pipeline
 from lm.quantize import Int8Array, Int8Matmul, Observed, quantize_weight
 from lm.sharding import KV_CACHE_AXES, REPLICATED, constrain
 
@@ -580,15 +580,7 @@ class Transformer(nnx.Module):
             positions_bt[:tokens_bt.shape[0] // pipeline.microbatches]
         rope_bt = rope_tables(rope_rows, cfg.head_dim, cfg.rope_theta) if cfg.rope else None
 
-        block_def, block_state = nnx.split(self.blocks)
-
-        def layer(x_btd, layer_state, lengths_b=lengths):
-            x_btd = materialize_grad(x_btd) if steers("materialize_grad") else x_btd
-            return nnx.merge(block_def, layer_state)(x_btd, rope_bt, lengths_b=lengths_b), None
-
-        remat = (lambda f, prevent_cse: jax.checkpoint(
-            f, prevent_cse=prevent_cse, policy=REMAT_POLICIES[cfg.remat])
-            if cfg.remat != "none" else f)
+        block_state, layer, remat = self._layers(rope_bt, lengths)
         if pipeline is not None:
             # Remat applies to each stage's layers as a whole, per schedule iteration.
             x_btd = run_pipeline(layer, block_state, x_btd, pipeline,
@@ -602,6 +594,48 @@ class Transformer(nnx.Module):
             for i in range(cfg.num_layers):
                 x_btd, _ = remat(layer, True)(x_btd, jax.tree.map(lambda a: a[i], block_state))
         return x_btd if cfg.post_norm else self.final_norm(x_btd)
+
+    def _layers(self, rope_bt, lengths):
+        """(the stacked layers' parameters, one layer as `lax.scan` runs it, the remat wrapper
+        `remat(f, prevent_cse)` of model.remat)."""
+        block_def, block_state = nnx.split(self.blocks)
+
+        def layer(x_btd, layer_state, lengths_b=lengths):
+            x_btd = materialize_grad(x_btd) if steers("materialize_grad") else x_btd
+            return nnx.merge(block_def, layer_state)(x_btd, rope_bt, lengths_b=lengths_b), None
+
+        remat = (lambda f, prevent_cse: jax.checkpoint(
+            f, prevent_cse=prevent_cse, policy=REMAT_POLICIES[self.cfg.remat])
+            if self.cfg.remat != "none" else f)
+        return block_state, layer, remat
+
+    def pipelined_sums(self, tokens_bt: Int[Array, "B T"], sums_fn, head_rows, pipeline: Pipeline,
+                       token_types: Int[Array, "B T"] | None = None,
+                       lengths: Int[Array, "B"] | None = None):
+        """Training under pipeline.schedule '1f1b': the layers and the output head run together,
+        micro-batch by micro-batch (`lm.pipeline.loss_sums`), so that no stage keeps more than
+        2S - 1 micro-batches' activations. `sums_fn(model, x_btd, rows_b) -> (loss_sum, aux)`:
+        the head's summed loss (differentiated) and other sums of one micro-batch's final
+        hidden states (`hidden`'s output) and its rows of `head_rows` ([B, ...] arrays); returns
+        their totals over the batch."""
+        x_btd = constrain(self._embed(tokens_bt, jnp.broadcast_to(
+            jnp.arange(tokens_bt.shape[1]), tokens_bt.shape), token_types),
+            ("batch", "length", "embed"))
+        rows = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]),
+                                (tokens_bt.shape[0] // pipeline.microbatches, tokens_bt.shape[1]))
+        rope_bt = rope_tables(rows, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.rope \
+            else None
+        block_state, layer, remat = self._layers(rope_bt, lengths)
+        graphdef, blocks, rest = nnx.split(self, nnx.PathContains("blocks"), ...)
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), blocks)
+
+        def head(rest, x_btd, rows_b):  # the model without its layers (never read)
+            model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                                     shapes), rest)
+            return sums_fn(model, x_btd if self.cfg.post_norm else model.final_norm(x_btd),
+                           rows_b)
+        return loss_sums(layer, head, pipeline, lambda f: remat(f, False), block_state, x_btd,
+                         rest, head_rows, lengths)
 
     def _embed(self, tokens_bt, positions_bt, token_types_bt=None) -> Float[Array, "B T D"]:
         """Token (+ learned position, + BERT's token-type, then its LayerNorm) embeddings."""

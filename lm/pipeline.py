@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ class Pipeline:
     stages: int  # S, the size of the `pipeline` mesh axis
     microbatches: int  # M
     virtual_stages: int = 1  # v; 1 is gpipe
+    schedule: str = "gpipe"  # or "interleaved", "1f1b" (pipeline.schedule)
 
     @property
     def iterations(self) -> int:
@@ -115,6 +117,145 @@ def run(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
     state = _on_stages(jnp.zeros((s_, b // m_, t, d), x_btd.dtype))
     (_, out_mbtd), _ = jax.lax.scan(iteration, (state, micro_mbtd), jnp.arange(pipe.iterations))
     return out_mbtd.swapaxes(0, 1).reshape(b, t, d)
+
+
+def run_1f1b(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
+             head_fn: Callable, head_params, head_rows, wrap_stage: Callable = lambda f: f,
+             rows=None):
+    """The forward and backward passes of all stacked layers and of the output head through
+    the one-forward-one-backward schedule; returns (the head's summed outputs, (the gradients
+    of block_state, of x_btd, of head_params)) for a loss that is the head's first output.
+
+    `head_fn(head_params, y_btd, head_rows_b) -> (loss_sum, aux)` is the output layer and loss
+    of one micro-batch (`head_rows`: its per-row targets, [B, ...] arrays, split like x);
+    `layer_fn`, `wrap_stage` and `rows` as in `run`.
+
+    Stage s runs the forward of micro-batch m at iteration m + s (as gpipe) and its backward at
+    m + 2S - 2 - s: the last stage turns a micro-batch around in one iteration (forward, head,
+    backward), and each stage keeps only the inputs of the micro-batches between their forward
+    and backward (at most 2S - 1, whatever M), recomputing a stage's forward inside its backward
+    (`jax.vjp`). Iterations 0 .. S-2 run forwards only, the next M both, the last S - 1
+    backwards only: (S - 1) F + M (F + B) + (S - 1) B, GPipe's (M + S - 1)(F + B)."""
+    s_, m_ = pipe.stages, pipe.microbatches
+    b, t, d = x_btd.shape
+    num_layers = jax.tree.leaves(block_state)[0].shape[0]
+    pipe.check(num_layers, b)
+    stage_params = jax.tree.map(
+        lambda a: _on_stages(a.reshape(s_, num_layers // s_, *a.shape[1:])), block_state)
+    micro_x = split_microbatches(x_btd, m_)
+    micro_rows, micro_head = (jax.tree.map(lambda a: split_microbatches(a, m_), r)
+                              for r in (rows, head_rows))
+    keep = 2 * s_ - 1  # input slots per stage: micro-batch m in slot m % keep
+
+    def stage_fn(params, x_btd, rows_b):
+        x_btd, _ = jax.lax.scan(lambda x, p: layer_fn(x, p, rows_b), x_btd, params)
+        return x_btd
+
+    stage = wrap_stage(stage_fn)
+
+    def backward(params, x_btd, rows_b, dy_btd):
+        _, vjp = jax.vjp(lambda p, x: stage(p, x, rows_b), params, x_btd)
+        return vjp(dy_btd)
+
+    spmd = dict(spmd_axis_name="pipeline") if _meshed() else {}
+    forward_all, backward_all = jax.vmap(stage, **spmd), jax.vmap(backward, **spmd)
+    stage_ids = jnp.arange(s_)
+    at = lambda tree, i: jax.tree.map(lambda a: a[jnp.clip(i, 0, m_ - 1)], tree)
+    f32 = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)
+
+    def head(head_params, y_btd, m):
+        loss, vjp, aux = jax.vjp(lambda p, y: head_fn(p, y, at(micro_head, m)), head_params,
+                                 y_btd, has_aux=True)
+        return (loss, aux), vjp(jnp.ones_like(loss))
+
+    def iteration(carry, it, forward: bool, back: bool):
+        c = dict(carry)
+        f, g = it - stage_ids, it - (2 * s_ - 2 - stage_ids)  # each stage's micro-batches
+        dy_last = c["grad_in"][-1]
+        if forward:
+            inputs = _on_stages(c["act_in"].at[0].set(
+                jax.lax.dynamic_index_in_dim(micro_x, jnp.clip(f[0], 0, m_ - 1), keepdims=False)))
+            c["kept"] = _on_stages(jax.vmap(_keep, **spmd)(c["kept"], f % keep, inputs,
+                                                           (f >= 0) & (f < m_)))
+            out = _on_stages(forward_all(stage_params, inputs, at(micro_rows, f)))
+            ok = (f[-1] >= 0) & (f[-1] < m_)
+            (loss, aux), (d_head, dy_last) = head(head_params, out[-1], f[-1])
+            c["sums"] = jax.tree.map(lambda acc, x: acc + jnp.where(ok, x, 0), c["sums"],
+                                     (loss, aux))
+            c["d_head"] = jax.tree.map(lambda acc, x: acc + jnp.where(ok, x, 0), c["d_head"],
+                                       d_head)
+            c["act_in"] = jnp.roll(out, 1, axis=0)
+        if back:
+            ok_b = (g >= 0) & (g < m_)
+            kept = jax.vmap(lambda buf, i: buf[i], **spmd)(c["kept"], g % keep)
+            dy = _on_stages(c["grad_in"].at[-1].set(dy_last.astype(c["grad_in"].dtype)))
+            d_params, dx = backward_all(stage_params, kept, at(micro_rows, g), dy)
+            c["d_params"] = jax.tree.map(
+                lambda acc, x: acc + jnp.where(ok_b.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0),
+                c["d_params"], d_params)
+            written = jax.lax.dynamic_update_index_in_dim(c["d_x"], dx[0], jnp.clip(g[0], 0,
+                                                                                    m_ - 1), 0)
+            c["d_x"] = jnp.where(ok_b[0], written, c["d_x"])
+            c["grad_in"] = _on_stages(jnp.roll(dx, -1, axis=0))
+        return c, None
+
+    state = _on_stages(jnp.zeros((s_, b // m_, t, d), x_btd.dtype))
+    carry = {"act_in": state, "grad_in": state,
+             "kept": _on_stages(jnp.zeros((s_, keep, b // m_, t, d), x_btd.dtype)),
+             "d_params": f32(stage_params), "d_head": f32(head_params),
+             "d_x": jnp.zeros_like(micro_x),
+             "sums": jax.eval_shape(lambda: head_fn(head_params, micro_x[0], at(micro_head, 0)))}
+    carry["sums"] = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), carry["sums"])
+    phases = ((True, False, 0, s_ - 1), (True, True, s_ - 1, m_ + s_ - 1),
+              (False, True, m_ + s_ - 1, m_ + 2 * s_ - 2))
+    for forward, back, start, stop in phases:
+        if stop > start:
+            carry, _ = jax.lax.scan(
+                lambda c, it, fw=forward, bw=back: iteration(c, it, fw, bw), carry,
+                jnp.arange(start, stop))
+    cast = lambda grads, like: jax.tree.map(lambda g, a: g.astype(a.dtype), grads, like)
+    d_blocks = jax.tree.map(lambda g, a: g.reshape(a.shape).astype(a.dtype),
+                            carry["d_params"], block_state)
+    d_x = carry["d_x"].swapaxes(0, 1).reshape(b, t, d)
+    return carry["sums"], (d_blocks, d_x, cast(carry["d_head"], head_params))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def loss_sums(layer_fn: Callable, head_fn: Callable, pipe: Pipeline, wrap_stage: Callable,
+              block_state, x_btd, head_params, head_rows, rows):
+    """The head's summed (loss, aux) over the batch, the layers run through the pipeline and
+    `head_fn` on each micro-batch (arguments as in `run_1f1b`). Evaluated alone it is gpipe's
+    forward; differentiated, `run_1f1b` computes the loss and every gradient in one schedule
+    (the loss is linear in its cotangent: the backward only scales them)."""
+    y_btd = run(layer_fn, block_state, x_btd, Pipeline(pipe.stages, pipe.microbatches),
+                wrap_stage, rows)
+    parts = jax.tree.map(lambda a: split_microbatches(a, pipe.microbatches), (y_btd, head_rows))
+    first = jax.eval_shape(lambda: head_fn(head_params, parts[0][0], jax.tree.map(
+        lambda a: a[0], parts[1])))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), first)
+    total, _ = jax.lax.scan(lambda acc, yr: (jax.tree.map(
+        jnp.add, acc, head_fn(head_params, *yr)), None), zeros, parts)
+    return total
+
+
+def _loss_sums_fwd(layer_fn, head_fn, pipe, wrap_stage, block_state, x_btd, head_params,
+                   head_rows, rows):
+    return run_1f1b(layer_fn, block_state, x_btd, pipe, head_fn, head_params, head_rows,
+                    wrap_stage, rows)
+
+
+def _loss_sums_bwd(layer_fn, head_fn, pipe, wrap_stage, grads, cotangent):
+    scale = cotangent[0]  # of the loss; the aux sums are not differentiated
+    d_blocks, d_x, d_head = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+    return d_blocks, d_x, d_head, None, None
+
+
+loss_sums.defvjp(_loss_sums_fwd, _loss_sums_bwd)
+
+
+def _keep(buffer, slot, x, ok):
+    """One stage's input buffer with `x` in `slot` where `ok` (a real micro-batch)."""
+    return jax.lax.dynamic_update_index_in_dim(buffer, jnp.where(ok, x, buffer[slot]), slot, 0)
 
 
 def split_microbatches(x_b: jax.Array, k: int) -> jax.Array:

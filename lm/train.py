@@ -115,6 +115,10 @@ def loss_fn(graphdef, params, batch, pipeline: Pipeline | None = None,
     if pipeline is None:
         loss = xent(model(batch[:, :-1]), batch[:, 1:]).mean()
         return loss, {"loss": loss}
+    if pipeline.schedule == "1f1b":  # the head runs inside the schedule, per micro-batch
+        total, _ = model.pipelined_sums(batch[:, :-1], lambda m, x_btd, next_bt: (
+            xent(m.logits(x_btd), next_bt).sum(), jnp.zeros(())), batch[:, 1:], pipeline)
+        return (loss := total / (batch.shape[0] * (batch.shape[1] - 1))), {"loss": loss}
     x_btd = model.hidden(batch[:, :-1], pipeline=pipeline)
     total, _ = _head_sums(model, x_btd, {"next": batch[:, 1:]}, pipeline)
     loss = total / (batch.shape[0] * (batch.shape[1] - 1))
@@ -359,7 +363,10 @@ def _pipeline(run: RunConfig, mesh: jax.sharding.Mesh) -> Pipeline | None:
     if stages == 1:
         return None
     pp, t = run.pipeline, run.train
-    pipe = Pipeline(stages, pp.microbatches, pp.virtual_stages)
+    pipe = Pipeline(stages, pp.microbatches, pp.virtual_stages, pp.schedule)
+    if pp.schedule == "1f1b" and run.task.name != "lm":
+        raise ConfigError(f"pipeline.schedule '1f1b' trains task.name 'lm' so far (this run: "
+                          f"{run.task.name!r}); use 'gpipe' or 'interleaved'")
     step_batch = t.batch_size // t.microbatches
     pipe.check(run.model.num_layers, step_batch)
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -53,6 +53,17 @@ CASES = {  # name: (mesh, pipeline settings, other overrides)
         {"mesh.rules": "zero3+tp"}),
     "pp2-data2-accumulate2-remat-m4": (dict(data=2, pipeline=2), dict(microbatches=4),
                                        {"train.microbatches": 2, "model.remat": "full"}),
+    # 1F1B: the backward scheduled by hand (lm.pipeline.run_1f1b), the same layouts.
+    "pp2-1f1b-m4": (dict(data=1, pipeline=2), dict(schedule="1f1b", microbatches=4), {}),
+    "pp4-1f1b-m8": (dict(data=1, pipeline=4), dict(schedule="1f1b", microbatches=8), {}),
+    "pp2-data2-tensor2-1f1b-m8": (dict(data=2, tensor=2, pipeline=2),
+                                  dict(schedule="1f1b", microbatches=8), {}),
+    "pp2-fsdp2-tensor2-zero3-1f1b-m4": (dict(data=1, fsdp=2, tensor=2, pipeline=2),
+                                        dict(schedule="1f1b", microbatches=4),
+                                        {"mesh.rules": "zero3+tp"}),
+    "pp2-data2-accumulate2-remat-1f1b-m4": (dict(data=2, pipeline=2),
+                                            dict(schedule="1f1b", microbatches=4),
+                                            {"train.microbatches": 2, "model.remat": "full"}),
 }
 
 
@@ -102,9 +113,11 @@ def test_bad_pipeline_layouts_are_clear_errors(flat, message):
 
 def test_config_rejects_bad_pipeline_settings():
     with pytest.raises(ConfigError, match="pipeline.schedule"):
-        small_run(**{"pipeline.schedule": "1f1b"})
-    with pytest.raises(ConfigError, match="must be 1 for schedule 'gpipe'"):
+        small_run(**{"pipeline.schedule": "zigzag"})
+    with pytest.raises(ConfigError, match="must be 1 for schedules 'gpipe' and '1f1b'"):
         small_run(**{"pipeline.virtual_stages": 2})
+    with pytest.raises(ConfigError, match="interleaved 1F1B is not built"):
+        small_run(**{"pipeline.schedule": "1f1b", "pipeline.virtual_stages": 2})
     with pytest.raises(ConfigError, match="must divide the batch"):
         small_run(**{"pipeline.microbatches": 3})
 
