@@ -6,7 +6,8 @@ measured, and compiled memory per device against the number of micro-batches.
 The fake devices of one CPU share its cores, so a pipelined step executes every stage's work
 one after another: the bubble shows up as extra compute (stages running on stale data while
 they wait), not as idle time. The ideal is the same step without a pipeline on one device;
-measured bubble = 1 - ideal / pipelined, predicted (S - 1) / (v M + S - 1). Memory comes from
+measured bubble = 1 - ideal / pipelined, predicted (S - 1) / (v M + S - 1) (1F1B: as
+gpipe; its backward also recomputes each stage's forward, which the ideal does not). Memory comes from
 XLA's memory analysis of the compiled step (arguments + temporaries, per device) with a fixed
 micro-batch size, so the batch grows with M.
 """
@@ -38,12 +39,14 @@ MODEL = {"model.num_layers": 8, "model.d_model": 256, "model.num_heads": 4,
          "model.max_len": 128, "model.scan_layers": True, "train.seq_len": 128}
 
 
-def make_run(stages: int, micro: int, virtual: int, batch: int, remat: str = "none"):
+def make_run(stages: int, micro: int, virtual: int, batch: int, remat: str = "none",
+             schedule: str = ""):
     flat = {**MODEL, "train.batch_size": batch, "mesh.data": 1, "mesh.pipeline": stages,
             "model.remat": remat}
     if stages > 1:
         flat.update({"pipeline.microbatches": micro, "pipeline.virtual_stages": virtual,
-                     "pipeline.schedule": "interleaved" if virtual > 1 else "gpipe"})
+                     "pipeline.schedule": schedule or ("interleaved" if virtual > 1 else
+                                                       "gpipe")})
     return from_config_dict(override(load_config_file(os.path.join(ROOT, "configs/base.py")),
                                      **flat))
 
@@ -76,6 +79,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--first-row", type=int, default=0, help="skip the first timing rows")
+    p.add_argument("--first-memory", type=int, default=0,
+                   help="skip the first schedules of the memory table (0 gpipe, 1 interleaved)")
     args = p.parse_args()
     results = {"device": jax.devices()[0].device_kind, "model": MODEL, "timing": [],
                "memory": []}
@@ -87,12 +93,15 @@ def main():
           f"no pipeline, 1 device: {ideal * 1e3:.0f} ms/step")
     print("| schedule | M | v | step ms | vs ideal | bubble predicted | bubble measured |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for virtual, micro in [(1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (2, 16)]:
-        run = make_run(stages, micro, virtual, batch)
+    for schedule, virtual, micro in [("gpipe", 1, 4), ("gpipe", 1, 8), ("gpipe", 1, 16),
+                                     ("interleaved", 2, 4), ("interleaved", 2, 8),
+                                     ("interleaved", 2, 16), ("1f1b", 1, 4), ("1f1b", 1, 8),
+                                     ("1f1b", 1, 16)][args.first_row:]:
+        run = make_run(stages, micro, virtual, batch, schedule=schedule)
         t = step_time(run, args.steps)
-        predicted = Pipeline(stages, micro, virtual).bubble
+        predicted = Pipeline(stages, micro, virtual, schedule).bubble
         measured = 1 - ideal / t
-        row = {"schedule": "interleaved" if virtual > 1 else "gpipe", "stages": stages,
+        row = {"schedule": schedule, "stages": stages,
                "microbatches": micro, "virtual_stages": virtual, "step_s": t,
                "ideal_s": ideal, "bubble_predicted": predicted, "bubble_measured": measured}
         results["timing"].append(row)
@@ -103,13 +112,14 @@ def main():
           f"{stages} stages; the plan's estimate beside it")
     print("| schedule | remat | M | XLA MB | lm.plan MB |")
     print("|---|---|---:|---:|---:|")
-    for virtual in (1, 2):
+    for schedule, virtual in [("gpipe", 1), ("interleaved", 2), ("1f1b", 1)][args.first_memory:]:
         for remat in ("none", "full"):
             for micro in (4, 8, 16, 32):
-                run = make_run(stages, micro, virtual, batch=2 * micro, remat=remat)
+                run = make_run(stages, micro, virtual, batch=2 * micro, remat=remat,
+                               schedule=schedule)
                 xla = compiled_bytes(run)
                 est = plan.plan(run, devices=stages)["total_bytes"]
-                row = {"schedule": "interleaved" if virtual > 1 else "gpipe", "remat": remat,
+                row = {"schedule": schedule, "remat": remat,
                        "microbatches": micro, "xla_bytes": xla, "plan_bytes": est}
                 results["memory"].append(row)
                 print(f"| {row['schedule']} | {remat} | {micro} | {xla / 1e6:.1f} | "

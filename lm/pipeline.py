@@ -46,12 +46,21 @@ class Pipeline:
 
     @property
     def iterations(self) -> int:
+        """Iterations of forward (and of backward) work: 1F1B's run both in M of them."""
         return self.virtual_stages * self.microbatches + self.stages - 1
 
     @property
     def bubble(self) -> float:
-        """The fraction of stage-iterations that do no useful work."""
+        """The fraction of stage-iterations that do no useful work (1F1B: as gpipe's, (S - 1)
+        forwards and (S - 1) backwards idle per stage)."""
         return (self.stages - 1) / self.iterations
+
+    @property
+    def kept_microbatches(self) -> int:
+        """Micro-batches whose activations a stage holds at once: gpipe and interleaved all M
+        (every iteration's, v M + S - 1 stage passes), 1F1B the 2S - 1 between a
+        micro-batch's forward and backward on the first stage."""
+        return 2 * self.stages - 1 if self.schedule == "1f1b" else self.iterations
 
     def check(self, num_layers: int, batch: int) -> None:
         s, m, v = self.stages, self.microbatches, self.virtual_stages
@@ -145,7 +154,7 @@ def run_1f1b(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
     micro_x = split_microbatches(x_btd, m_)
     micro_rows, micro_head = (jax.tree.map(lambda a: split_microbatches(a, m_), r)
                               for r in (rows, head_rows))
-    keep = 2 * s_ - 1  # input slots per stage: micro-batch m in slot m % keep
+    keep = pipe.kept_microbatches  # input slots per stage: micro-batch m in slot m % keep
 
     def stage_fn(params, x_btd, rows_b):
         x_btd, _ = jax.lax.scan(lambda x, p: layer_fn(x, p, rows_b), x_btd, params)

@@ -101,7 +101,8 @@ def plan(run: RunConfig, devices: int) -> dict:
     stages = shape["pipeline"]
     pipe = None
     if stages > 1:
-        pipe = Pipeline(stages, run.pipeline.microbatches, run.pipeline.virtual_stages)
+        pipe = Pipeline(stages, run.pipeline.microbatches, run.pipeline.virtual_stages,
+                        run.pipeline.schedule)
     data_ways = shape["data"] * shape["fsdp"]
     b_step = t.batch_size / data_ways / micro  # sequences per device per train.microbatches slice
     b = b_step / pipe.microbatches if pipe else b_step  # per (pipeline) micro-batch
@@ -111,6 +112,15 @@ def plan(run: RunConfig, devices: int) -> dict:
     if pipe is None:
         arrays = kept * m.num_layers + recompute
         layers_run = m.num_layers
+    elif pipe.schedule == "1f1b":
+        chunk = m.num_layers // stages
+        layers_run = pipe.iterations * chunk
+        # The inputs of the 2S - 1 micro-batches between forward and backward, the one stage
+        # whose backward runs (its forward recomputed: all of it kept, or, with remat, its
+        # layer inputs and one layer), the forward and gradient hand-offs, and the embedded
+        # batch with its gradient (M micro-batch arrays each).
+        working = kept * chunk if m.remat == "none" else layer_input * chunk + recompute
+        arrays = pipe.kept_microbatches + working + 2 + 2 * pipe.microbatches
     else:
         chunk = m.num_layers // (stages * pipe.virtual_stages)  # layers per stage and pass
         layers_run = pipe.iterations * chunk
@@ -164,7 +174,9 @@ def plan(run: RunConfig, devices: int) -> dict:
         "workspace_bytes": work_b, "total_bytes": params_b + grads_b + opt_b + acts_b + work_b,
         "flops_per_step": flops, "flops_per_device": flops / devices,
         # Hardware FLOPs: full remat runs each layer's forward twice (8N instead of 6N).
-        "flops_with_recompute": flops * (8 / 6 if m.remat == "full" else 1.0),
+        # 1F1B recomputes each stage's forward in its backward, as full remat does.
+        "flops_with_recompute": flops * (8 / 6 if m.remat == "full" or (
+            pipe and pipe.schedule == "1f1b") else 1.0),
         "state_bytes_unsharded": n_params * (2 * pb + state_elem),
         "comm_bytes": comm,
         "pipeline_bubble": pipe.bubble if pipe else 0.0,
