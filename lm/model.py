@@ -610,32 +610,34 @@ class Transformer(nnx.Module):
         return block_state, layer, remat
 
     def pipelined_sums(self, tokens_bt: Int[Array, "B T"], sums_fn, head_rows, pipeline: Pipeline,
-                       token_types: Int[Array, "B T"] | None = None,
                        lengths: Int[Array, "B"] | None = None):
-        """Training under pipeline.schedule '1f1b': the layers and the output head run together,
-        micro-batch by micro-batch (`lm.pipeline.loss_sums`), so that no stage keeps more than
-        2S - 1 micro-batches' activations. `sums_fn(model, x_btd, rows_b) -> (loss_sum, aux)`:
-        the head's summed loss (differentiated) and other sums of one micro-batch's final
-        hidden states (`hidden`'s output) and its rows of `head_rows` ([B, ...] arrays); returns
-        their totals over the batch."""
-        x_btd = constrain(self._embed(tokens_bt, jnp.broadcast_to(
-            jnp.arange(tokens_bt.shape[1]), tokens_bt.shape), token_types),
-            ("batch", "length", "embed"))
-        rows = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]),
-                                (tokens_bt.shape[0] // pipeline.microbatches, tokens_bt.shape[1]))
-        rope_bt = rope_tables(rows, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.rope \
-            else None
+        """Training under pipeline.schedule '1f1b': the embedding, the layers and the output
+        head run together, micro-batch by micro-batch (`lm.pipeline.loss_sums`), so that no
+        stage keeps more than 2S - 1 micro-batches' activations. `sums_fn(model, x_btd, rows_b)
+        -> (loss_sum, aux)`: the head's summed loss (differentiated) and other sums of one
+        micro-batch's final hidden states (`hidden`'s output) and its rows of `head_rows`
+        ([B, ...] arrays); returns their totals over the batch."""
+        cfg = self.cfg
+        micro = (tokens_bt.shape[0] // pipeline.microbatches, tokens_bt.shape[1])
+        positions_bt = jnp.broadcast_to(jnp.arange(micro[1]), micro)
+        rope_bt = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta) if cfg.rope else None
         block_state, layer, remat = self._layers(rope_bt, lengths)
-        graphdef, blocks, rest = nnx.split(self, nnx.PathContains("blocks"), ...)
+        graphdef, blocks, outer = nnx.split(self, nnx.PathContains("blocks"), ...)
         shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), blocks)
 
-        def head(rest, x_btd, rows_b):  # the model without its layers (never read)
-            model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                                     shapes), rest)
-            return sums_fn(model, x_btd if self.cfg.post_norm else model.final_norm(x_btd),
-                           rows_b)
-        return loss_sums(layer, head, pipeline, lambda f: remat(f, False), block_state, x_btd,
-                         rest, head_rows, lengths)
+        def without_layers(outer):  # the model around its layers (never read)
+            return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                                    shapes), outer)
+
+        def embed(outer, tokens_bt):
+            x_btd = without_layers(outer)._embed(tokens_bt, positions_bt)
+            return constrain(x_btd, ("batch", "length", "embed"))
+
+        def head(outer, x_btd, rows_b):
+            model = without_layers(outer)
+            return sums_fn(model, x_btd if cfg.post_norm else model.final_norm(x_btd), rows_b)
+        return loss_sums(layer, embed, head, pipeline, lambda f: remat(f, False), block_state,
+                         outer, tokens_bt, head_rows, lengths)
 
     def _embed(self, tokens_bt, positions_bt, token_types_bt=None) -> Float[Array, "B T D"]:
         """Token (+ learned position, + BERT's token-type, then its LayerNorm) embeddings."""

@@ -128,32 +128,34 @@ def run(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
     return out_mbtd.swapaxes(0, 1).reshape(b, t, d)
 
 
-def run_1f1b(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
-             head_fn: Callable, head_params, head_rows, wrap_stage: Callable = lambda f: f,
-             rows=None):
-    """The forward and backward passes of all stacked layers and of the output head through
-    the one-forward-one-backward schedule; returns (the head's summed outputs, (the gradients
-    of block_state, of x_btd, of head_params)) for a loss that is the head's first output.
+def run_1f1b(layer_fn: Callable, block_state, tokens_bt: jax.Array, pipe: Pipeline,
+             embed_fn: Callable, head_fn: Callable, outer_params, head_rows,
+             wrap_stage: Callable = lambda f: f, rows=None):
+    """The forward and backward passes of the whole model through the one-forward-one-backward
+    schedule: returns (the head's summed outputs, (the gradients of block_state and of
+    outer_params)) for a loss that is the head's first output.
 
-    `head_fn(head_params, y_btd, head_rows_b) -> (loss_sum, aux)` is the output layer and loss
-    of one micro-batch (`head_rows`: its per-row targets, [B, ...] arrays, split like x);
-    `layer_fn`, `wrap_stage` and `rows` as in `run`.
+    `embed_fn(outer_params, tokens_bt) -> x_btd` and `head_fn(outer_params, y_btd, rows_b) ->
+    (loss_sum, aux)` are the model outside its layers, applied to one micro-batch (`head_rows`:
+    per-row targets, [B, ...] arrays, split like the tokens); `layer_fn`, `wrap_stage` and
+    `rows` as in `run`.
 
     Stage s runs the forward of micro-batch m at iteration m + s (as gpipe) and its backward at
     m + 2S - 2 - s: the last stage turns a micro-batch around in one iteration (forward, head,
     backward), and each stage keeps only the inputs of the micro-batches between their forward
     and backward (at most 2S - 1, whatever M), recomputing a stage's forward inside its backward
-    (`jax.vjp`). Iterations 0 .. S-2 run forwards only, the next M both, the last S - 1
-    backwards only: (S - 1) F + M (F + B) + (S - 1) B, GPipe's (M + S - 1)(F + B)."""
+    (`jax.vjp`). The first stage embeds each micro-batch as it starts and takes the embedding's
+    gradient as it ends, so no [B, T, D] array of the whole batch exists. Iterations 0 .. S-2
+    run forwards only, the next M both, the last S - 1 backwards only: (S - 1) F + M (F + B) +
+    (S - 1) B, GPipe's (M + S - 1)(F + B)."""
     s_, m_ = pipe.stages, pipe.microbatches
-    b, t, d = x_btd.shape
+    b, t = tokens_bt.shape[:2]
     num_layers = jax.tree.leaves(block_state)[0].shape[0]
     pipe.check(num_layers, b)
     stage_params = jax.tree.map(
         lambda a: _on_stages(a.reshape(s_, num_layers // s_, *a.shape[1:])), block_state)
-    micro_x = split_microbatches(x_btd, m_)
-    micro_rows, micro_head = (jax.tree.map(lambda a: split_microbatches(a, m_), r)
-                              for r in (rows, head_rows))
+    micro_tokens, micro_rows, micro_head = (jax.tree.map(lambda a: split_microbatches(a, m_), r)
+                                            for r in (tokens_bt, rows, head_rows))
     keep = pipe.kept_microbatches  # input slots per stage: micro-batch m in slot m % keep
 
     def stage_fn(params, x_btd, rows_b):
@@ -170,10 +172,10 @@ def run_1f1b(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
     forward_all, backward_all = jax.vmap(stage, **spmd), jax.vmap(backward, **spmd)
     stage_ids = jnp.arange(s_)
     at = lambda tree, i: jax.tree.map(lambda a: a[jnp.clip(i, 0, m_ - 1)], tree)
-    f32 = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)
+    add_where = lambda ok, acc, x: jax.tree.map(lambda a, v: a + jnp.where(ok, v, 0), acc, x)
 
-    def head(head_params, y_btd, m):
-        loss, vjp, aux = jax.vjp(lambda p, y: head_fn(p, y, at(micro_head, m)), head_params,
+    def head(m, y_btd):
+        loss, vjp, aux = jax.vjp(lambda p, y: head_fn(p, y, at(micro_head, m)), outer_params,
                                  y_btd, has_aux=True)
         return (loss, aux), vjp(jnp.ones_like(loss))
 
@@ -183,16 +185,14 @@ def run_1f1b(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
         dy_last = c["grad_in"][-1]
         if forward:
             inputs = _on_stages(c["act_in"].at[0].set(
-                jax.lax.dynamic_index_in_dim(micro_x, jnp.clip(f[0], 0, m_ - 1), keepdims=False)))
+                embed_fn(outer_params, at(micro_tokens, f[0])).astype(c["act_in"].dtype)))
             c["kept"] = _on_stages(jax.vmap(_keep, **spmd)(c["kept"], f % keep, inputs,
                                                            (f >= 0) & (f < m_)))
             out = _on_stages(forward_all(stage_params, inputs, at(micro_rows, f)))
             ok = (f[-1] >= 0) & (f[-1] < m_)
-            (loss, aux), (d_head, dy_last) = head(head_params, out[-1], f[-1])
-            c["sums"] = jax.tree.map(lambda acc, x: acc + jnp.where(ok, x, 0), c["sums"],
-                                     (loss, aux))
-            c["d_head"] = jax.tree.map(lambda acc, x: acc + jnp.where(ok, x, 0), c["d_head"],
-                                       d_head)
+            sums, (d_outer, dy_last) = head(f[-1], out[-1])
+            c["sums"] = add_where(ok, c["sums"], sums)
+            c["d_outer"] = add_where(ok, c["d_outer"], d_outer)
             c["act_in"] = jnp.roll(out, 1, axis=0)
         if back:
             ok_b = (g >= 0) & (g < m_)
@@ -202,19 +202,22 @@ def run_1f1b(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
             c["d_params"] = jax.tree.map(
                 lambda acc, x: acc + jnp.where(ok_b.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0),
                 c["d_params"], d_params)
-            written = jax.lax.dynamic_update_index_in_dim(c["d_x"], dx[0], jnp.clip(g[0], 0,
-                                                                                    m_ - 1), 0)
-            c["d_x"] = jnp.where(ok_b[0], written, c["d_x"])
+            _, embed_vjp = jax.vjp(lambda p: embed_fn(p, at(micro_tokens, g[0])), outer_params)
+            c["d_outer"] = add_where(ok_b[0], c["d_outer"], embed_vjp(dx[0])[0])
             c["grad_in"] = _on_stages(jnp.roll(dx, -1, axis=0))
         return c, None
 
-    state = _on_stages(jnp.zeros((s_, b // m_, t, d), x_btd.dtype))
+    x_shape = jax.eval_shape(lambda: embed_fn(outer_params, micro_tokens[0]))
+    zeros = lambda tree, dtype=None: jax.tree.map(
+        lambda a: jnp.zeros(a.shape, dtype or a.dtype), tree)
+    state = _on_stages(jnp.zeros((s_, *x_shape.shape), x_shape.dtype))
     carry = {"act_in": state, "grad_in": state,
-             "kept": _on_stages(jnp.zeros((s_, keep, b // m_, t, d), x_btd.dtype)),
-             "d_params": f32(stage_params), "d_head": f32(head_params),
-             "d_x": jnp.zeros_like(micro_x),
-             "sums": jax.eval_shape(lambda: head_fn(head_params, micro_x[0], at(micro_head, 0)))}
-    carry["sums"] = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), carry["sums"])
+             "kept": _on_stages(jnp.zeros((s_, keep, *x_shape.shape), x_shape.dtype)),
+             "d_params": zeros(stage_params, jnp.float32),
+             "d_outer": zeros(outer_params, jnp.float32),
+             "sums": zeros(jax.eval_shape(lambda: head_fn(
+                 outer_params, jnp.zeros(x_shape.shape, x_shape.dtype), at(micro_head, 0))),
+                 jnp.float32)}
     phases = ((True, False, 0, s_ - 1), (True, True, s_ - 1, m_ + s_ - 1),
               (False, True, m_ + s_ - 1, m_ + 2 * s_ - 2))
     for forward, back, start, stop in phases:
@@ -222,41 +225,40 @@ def run_1f1b(layer_fn: Callable, block_state, x_btd: jax.Array, pipe: Pipeline,
             carry, _ = jax.lax.scan(
                 lambda c, it, fw=forward, bw=back: iteration(c, it, fw, bw), carry,
                 jnp.arange(start, stop))
-    cast = lambda grads, like: jax.tree.map(lambda g, a: g.astype(a.dtype), grads, like)
-    d_blocks = jax.tree.map(lambda g, a: g.reshape(a.shape).astype(a.dtype),
-                            carry["d_params"], block_state)
-    d_x = carry["d_x"].swapaxes(0, 1).reshape(b, t, d)
-    return carry["sums"], (d_blocks, d_x, cast(carry["d_head"], head_params))
+    cast = lambda grads, like: jax.tree.map(lambda g, a: g.reshape(a.shape).astype(a.dtype),
+                                            grads, like)
+    return carry["sums"], (cast(carry["d_params"], block_state),
+                           cast(carry["d_outer"], outer_params))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def loss_sums(layer_fn: Callable, head_fn: Callable, pipe: Pipeline, wrap_stage: Callable,
-              block_state, x_btd, head_params, head_rows, rows):
-    """The head's summed (loss, aux) over the batch, the layers run through the pipeline and
-    `head_fn` on each micro-batch (arguments as in `run_1f1b`). Evaluated alone it is gpipe's
-    forward; differentiated, `run_1f1b` computes the loss and every gradient in one schedule
-    (the loss is linear in its cotangent: the backward only scales them)."""
-    y_btd = run(layer_fn, block_state, x_btd, Pipeline(pipe.stages, pipe.microbatches),
-                wrap_stage, rows)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def loss_sums(layer_fn: Callable, embed_fn: Callable, head_fn: Callable, pipe: Pipeline,
+              wrap_stage: Callable, block_state, outer_params, tokens_bt, head_rows, rows):
+    """The head's summed (loss, aux) over the batch: embedding, the layers through the
+    pipeline, `head_fn` on each micro-batch (arguments as in `run_1f1b`). Evaluated alone it is
+    gpipe's forward; differentiated, `run_1f1b` computes the loss and every gradient in one
+    schedule (the loss is linear in its cotangent: the backward only scales them)."""
+    y_btd = run(layer_fn, block_state, embed_fn(outer_params, tokens_bt),
+                Pipeline(pipe.stages, pipe.microbatches), wrap_stage, rows)
     parts = jax.tree.map(lambda a: split_microbatches(a, pipe.microbatches), (y_btd, head_rows))
-    first = jax.eval_shape(lambda: head_fn(head_params, parts[0][0], jax.tree.map(
+    first = jax.eval_shape(lambda: head_fn(outer_params, parts[0][0], jax.tree.map(
         lambda a: a[0], parts[1])))
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), first)
     total, _ = jax.lax.scan(lambda acc, yr: (jax.tree.map(
-        jnp.add, acc, head_fn(head_params, *yr)), None), zeros, parts)
+        jnp.add, acc, head_fn(outer_params, *yr)), None), zeros, parts)
     return total
 
 
-def _loss_sums_fwd(layer_fn, head_fn, pipe, wrap_stage, block_state, x_btd, head_params,
-                   head_rows, rows):
-    return run_1f1b(layer_fn, block_state, x_btd, pipe, head_fn, head_params, head_rows,
-                    wrap_stage, rows)
+def _loss_sums_fwd(layer_fn, embed_fn, head_fn, pipe, wrap_stage, block_state, outer_params,
+                   tokens_bt, head_rows, rows):
+    return run_1f1b(layer_fn, block_state, tokens_bt, pipe, embed_fn, head_fn, outer_params,
+                    head_rows, wrap_stage, rows)
 
 
-def _loss_sums_bwd(layer_fn, head_fn, pipe, wrap_stage, grads, cotangent):
+def _loss_sums_bwd(layer_fn, embed_fn, head_fn, pipe, wrap_stage, grads, cotangent):
     scale = cotangent[0]  # of the loss; the aux sums are not differentiated
-    d_blocks, d_x, d_head = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
-    return d_blocks, d_x, d_head, None, None
+    d_blocks, d_outer = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+    return d_blocks, d_outer, None, None, None
 
 
 loss_sums.defvjp(_loss_sums_fwd, _loss_sums_bwd)

@@ -117,10 +117,10 @@ def plan(run: RunConfig, devices: int) -> dict:
         layers_run = pipe.iterations * chunk
         # The inputs of the 2S - 1 micro-batches between forward and backward, the one stage
         # whose backward runs (its forward recomputed: all of it kept, or, with remat, its
-        # layer inputs and one layer), the forward and gradient hand-offs, and the embedded
-        # batch with its gradient (M micro-batch arrays each).
+        # layer inputs and one layer), and the forward and gradient hand-offs; nothing of M
+        # (micro-batches are embedded as they start).
         working = kept * chunk if m.remat == "none" else layer_input * chunk + recompute
-        arrays = pipe.kept_microbatches + working + 2 + 2 * pipe.microbatches
+        arrays = pipe.kept_microbatches + working + 2
     else:
         chunk = m.num_layers // (stages * pipe.virtual_stages)  # layers per stage and pass
         layers_run = pipe.iterations * chunk
