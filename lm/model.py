@@ -630,7 +630,8 @@ class Transformer(nnx.Module):
                                                     shapes), outer)
 
         def embed(outer, tokens_bt):
-            x_btd = without_layers(outer)._embed(tokens_bt, positions_bt)
+            x_btd = without_layers(outer)._embed(tokens_bt, jnp.broadcast_to(
+                jnp.arange(tokens_bt.shape[1]), tokens_bt.shape))
             return constrain(x_btd, ("batch", "length", "embed"))
 
         def head(outer, x_btd, rows_b):

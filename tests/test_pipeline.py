@@ -124,6 +124,9 @@ def test_config_rejects_bad_pipeline_settings():
 
 def test_bubble_and_plan():
     assert Pipeline(4, 8).bubble == pytest.approx(3 / 11)
+    assert Pipeline(4, 8, schedule="1f1b").bubble == pytest.approx(3 / 11)
+    assert Pipeline(4, 32, schedule="1f1b").kept_microbatches == 7  # 2S - 1, whatever M
+    assert Pipeline(4, 32).kept_microbatches == 35
     assert Pipeline(4, 8, 2).bubble == pytest.approx(3 / 19)
     run = small_run(**BASE, **{"mesh.data": 2, "mesh.pipeline": 4, "pipeline.microbatches": 8})
     p = plan.plan(run, devices=8)
@@ -138,7 +141,30 @@ def test_bubble_and_plan():
     assert more["pipeline_bubble"] > p["pipeline_bubble"]
 
 
-def test_lm_train_runs_an_interleaved_pipeline(tmp_path):
+def test_1f1b_memory_is_flat_in_the_micro_batches_and_planned():
+    """A fixed micro-batch (2 sequences of 128), M = 4 and 16 over 4 stages: XLA's compiled
+    memory per device grows with M under gpipe and stays flat under 1F1B (its stages keep at
+    most 2S - 1 micro-batches' inputs), and lm.plan's estimate is within 15% of it."""
+    model = {**BASE, "model.d_model": 128, "model.mlp_dim": 512, "model.max_len": 128,
+             "train.seq_len": 128, "mesh.data": 1, "mesh.pipeline": 4}
+    xla, est = {}, {}
+    for schedule in ("gpipe", "1f1b"):
+        for m in (4, 16):
+            run = small_run(**{**model, "train.batch_size": 2 * m, "pipeline.microbatches": m,
+                               "pipeline.schedule": schedule})
+            xla[schedule, m] = plan.compiled_memory(run, jax.devices()[:4])["total_bytes"]
+            est[schedule, m] = plan.plan(run, devices=4)["total_bytes"]
+    print({k: round(v / 1e6, 1) for k, v in xla.items()})
+    assert xla["gpipe", 16] > 1.5 * xla["gpipe", 4]
+    assert xla["1f1b", 16] < 1.02 * xla["1f1b", 4]
+    assert xla["1f1b", 16] < xla["gpipe", 16] / 2
+    for key in est:
+        if key[0] == "1f1b":
+            assert abs(est[key] / xla[key] - 1) < 0.15, (key, est[key], xla[key])
+
+
+@pytest.mark.parametrize("schedule", ["interleaved", "1f1b"])
+def test_lm_train_runs_a_pipeline(tmp_path, schedule):
     """The real entry point with pipeline 2 x data 4: training, evaluation, the final sample
     (generated without the pipeline from the stage-sharded parameters) and the checkpoint."""
     import json
@@ -152,8 +178,9 @@ def test_lm_train_runs_an_interleaved_pipeline(tmp_path):
          str(workdir), "--config.train.steps=3", "--config.train.log_every=1",
          "--config.train.eval_every=3", "--config.train.eval_batches=1",
          "--config.train.sample_tokens=8", "--config.train.seq_len=64", "--config.mesh.data=4",
-         "--config.mesh.pipeline=2", "--config.pipeline.schedule=interleaved",
-         "--config.pipeline.virtual_stages=2", "--config.pipeline.microbatches=4"],
+         "--config.mesh.pipeline=2", f"--config.pipeline.schedule={schedule}",
+         f"--config.pipeline.virtual_stages={2 if schedule == 'interleaved' else 1}",
+         "--config.pipeline.microbatches=4"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "----- sample -----" in proc.stdout
