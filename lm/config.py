@@ -263,11 +263,13 @@ class PipelineConfig:
     """Pipeline schedules over `mesh.pipeline` stages (`lm/pipeline.py`); unused when
     mesh.pipeline is 1."""
     schedule: str = key("gpipe", "'gpipe', 'interleaved' (virtual_stages layer chunks per "
-                        "stage) or '1f1b' (one forward, one backward: at most 2 x stages "
-                        "micro-batches' activations kept, whatever pipeline.microbatches; "
-                        "task 'lm')", PIPELINE_SCHEDULES)
+                        "stage) or '1f1b' (one forward, one backward: at most 2 x stages x "
+                        "virtual_stages micro-batch inputs kept, whatever "
+                        "pipeline.microbatches; interleaved with virtual_stages > 1; task "
+                        "'lm')", PIPELINE_SCHEDULES)
     microbatches: int = key(1, "micro-batches per step; a multiple of the stages", ge=1)
-    virtual_stages: int = key(1, "layer chunks per stage: 1 for gpipe, >= 2 for interleaved", ge=1)
+    virtual_stages: int = key(1, "layer chunks per stage: 1 for gpipe, >= 2 for interleaved, "
+                              "either for 1f1b", ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,9 +540,9 @@ def validate(run: RunConfig) -> None:
            f"{run.mesh.rules!r}")
 
     # Both keys name the schedule (lm.pipeline runs by virtual_stages): they must agree.
-    _check((pp.schedule == "interleaved") == (pp.virtual_stages > 1), "pipeline.virtual_stages",
-           f"({pp.virtual_stages}) must be 1 for schedules 'gpipe' and '1f1b' (interleaved "
-           f"1F1B is not built) and >= 2 for 'interleaved' (pipeline.schedule is "
+    _check(pp.schedule == "1f1b" or (pp.schedule == "interleaved") == (pp.virtual_stages > 1),
+           "pipeline.virtual_stages", f"({pp.virtual_stages}) must be 1 for schedule 'gpipe' "
+           f"and >= 2 for 'interleaved' (either for '1f1b'; pipeline.schedule is "
            f"{pp.schedule!r})")
     _check((t.batch_size // t.microbatches) % pp.microbatches == 0, "pipeline.microbatches",
            f"({pp.microbatches}) must divide the batch of each step (train.batch_size / "

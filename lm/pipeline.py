@@ -63,7 +63,9 @@ class Pipeline:
         """Micro-batches whose activations a stage holds at once: gpipe and interleaved all M
         (every iteration's, v M + S - 1 stage passes), 1F1B the 2S - 1 between a
         micro-batch's forward and backward on the first stage."""
-        return 2 * self.stages - 1 if self.schedule == "1f1b" else self.iterations
+        if self.schedule == "1f1b":
+            return 2 * self.virtual_stages * self.stages - 1
+        return self.iterations
 
     def check(self, num_layers: int, batch: int) -> None:
         s, m, v = self.stages, self.microbatches, self.virtual_stages
@@ -143,39 +145,54 @@ def run_1f1b(layer_fn: Callable, block_state, tokens_bt: jax.Array, pipe: Pipeli
     per-row targets, [B, ...] arrays, split like the tokens); `layer_fn`, `wrap_stage` and
     `rows` as in `run`.
 
-    Stage s runs the forward of micro-batch m at iteration m + s (as gpipe) and its backward at
-    m + 2S - 2 - s: the last stage turns a micro-batch around in one iteration (forward, head,
-    backward), and each stage keeps only the inputs of the micro-batches between their forward
-    and backward (at most 2S - 1, whatever M), recomputing a stage's forward inside its backward
+    The work items are (pass r, micro-batch m), v passes (virtual stages) of M micro-batches,
+    taken in groups of S micro-batches (Megatron's interleaved order): item k = g v S + r S + j
+    for m = g S + j. Stage s runs item k's forward at iteration k + s; the backward items run in
+    the reverse pass order, item k' = g v S + (v - 1 - r) S + j at iteration k' + v S - 1 +
+    (S - 1 - s). So the last stage turns a micro-batch around in the iteration of its last
+    forward (forward, head and loss, backward), a pass's output (or gradient) wraps from the
+    last stage to the first (or back) in the next iteration, and a stage keeps the inputs of at
+    most 2 v S - 1 items, whatever M, recomputing a stage's forward inside its backward
     (`jax.vjp`). The first stage embeds each micro-batch as it starts and takes the embedding's
-    gradient as it ends, so no [B, T, D] array of the whole batch exists. Iterations 0 .. S-2
-    run forwards only, the next M both, the last S - 1 backwards only: (S - 1) F + M (F + B) +
-    (S - 1) B, GPipe's (M + S - 1)(F + B)."""
-    s_, m_ = pipe.stages, pipe.microbatches
+    gradient as it ends, so no [B, T, D] array of the whole batch exists. The first v S - 1
+    iterations run forwards only, the last v S - 1 backwards only, those between both:
+    (v M + S - 1)(F + B) chunk passes in all, the bubble of `run`'s schedules."""
+    s_, m_, v_ = pipe.stages, pipe.microbatches, pipe.virtual_stages
     b, t = tokens_bt.shape[:2]
     num_layers = jax.tree.leaves(block_state)[0].shape[0]
     pipe.check(num_layers, b)
-    stage_params = jax.tree.map(
-        lambda a: _on_stages(a.reshape(s_, num_layers // s_, *a.shape[1:])), block_state)
+    per_chunk = num_layers // (s_ * v_)
+    # [L, ...] -> [S, v, L / (S v), ...]: chunk r S + s (layers in order) at [s, r]
+    stage_params = jax.tree.map(lambda a: _on_stages(
+        a.reshape(v_, s_, per_chunk, *a.shape[1:]).swapaxes(0, 1)), block_state)
     micro_tokens, micro_rows, micro_head = (jax.tree.map(lambda a: split_microbatches(a, m_), r)
                                             for r in (tokens_bt, rows, head_rows))
-    keep = pipe.kept_microbatches  # input slots per stage: micro-batch m in slot m % keep
+    keep, turn = pipe.kept_microbatches, v_ * s_ - 1  # input slots; first backward iteration
 
-    def stage_fn(params, x_btd, rows_b):
-        x_btd, _ = jax.lax.scan(lambda x, p: layer_fn(x, p, rows_b), x_btd, params)
+    def stage_fn(params, x_btd, chunk, rows_b):
+        chunk_params = jax.tree.map(lambda a: a[chunk], params)
+        x_btd, _ = jax.lax.scan(lambda x, p: layer_fn(x, p, rows_b), x_btd, chunk_params)
         return x_btd
 
     stage = wrap_stage(stage_fn)
 
-    def backward(params, x_btd, rows_b, dy_btd):
-        _, vjp = jax.vjp(lambda p, x: stage(p, x, rows_b), params, x_btd)
-        return vjp(dy_btd)
+    def backward(params, x_btd, chunk, rows_b, dy_btd, ok):
+        _, vjp = jax.vjp(lambda p, x: stage(p, x, chunk, rows_b), params, x_btd)
+        d_params, dx = vjp(dy_btd)
+        return jax.tree.map(lambda d: jnp.where(ok, d, 0), d_params), dx
 
     spmd = dict(spmd_axis_name="pipeline") if _meshed() else {}
     forward_all, backward_all = jax.vmap(stage, **spmd), jax.vmap(backward, **spmd)
     stage_ids = jnp.arange(s_)
     at = lambda tree, i: jax.tree.map(lambda a: a[jnp.clip(i, 0, m_ - 1)], tree)
     add_where = lambda ok, acc, x: jax.tree.map(lambda a, v: a + jnp.where(ok, v, 0), acc, x)
+
+    def item(k, backward: bool = False):
+        """(pass, micro-batch, valid, slot of its forward input) of work items k."""
+        group, r, j = k // (v_ * s_), k % (v_ * s_) // s_, k % s_
+        r = v_ - 1 - r if backward else r
+        forward_k = group * v_ * s_ + r * s_ + j
+        return r, group * s_ + j, (k >= 0) & (k < v_ * m_), forward_k % keep
 
     def head(m, y_btd):
         loss, vjp, aux = jax.vjp(lambda p, y: head_fn(p, y, at(micro_head, m)), outer_params,
@@ -184,29 +201,28 @@ def run_1f1b(layer_fn: Callable, block_state, tokens_bt: jax.Array, pipe: Pipeli
 
     def iteration(carry, it, forward: bool, back: bool):
         c = dict(carry)
-        f, g = it - stage_ids, it - (2 * s_ - 2 - stage_ids)  # each stage's micro-batches
         dy_last = c["grad_in"][-1]
         if forward:
+            r, m, ok, slot = item(it - stage_ids)
+            start = embed_fn(outer_params, at(micro_tokens, m[0])).astype(c["act_in"].dtype)
             inputs = _on_stages(c["act_in"].at[0].set(
-                embed_fn(outer_params, at(micro_tokens, f[0])).astype(c["act_in"].dtype)))
-            c["kept"] = _on_stages(jax.vmap(_keep, **spmd)(c["kept"], f % keep, inputs,
-                                                           (f >= 0) & (f < m_)))
-            out = _on_stages(forward_all(stage_params, inputs, at(micro_rows, f)))
-            ok = (f[-1] >= 0) & (f[-1] < m_)
-            sums, (d_outer, dy_last) = head(f[-1], out[-1])
-            c["sums"] = add_where(ok, c["sums"], sums)
-            c["d_outer"] = add_where(ok, c["d_outer"], d_outer)
+                jnp.where(r[0] == 0, start, c["act_in"][0])))  # else the last stage's output
+            c["kept"] = _on_stages(jax.vmap(_keep, **spmd)(c["kept"], slot, inputs, ok))
+            out = _on_stages(forward_all(stage_params, inputs, r, at(micro_rows, m)))
+            done = ok[-1] & (r[-1] == v_ - 1)  # a micro-batch's last pass: the head
+            sums, (d_outer, dy_last) = head(m[-1], out[-1])
+            c["sums"] = add_where(done, c["sums"], sums)
+            c["d_outer"] = add_where(done, c["d_outer"], d_outer)
             c["act_in"] = jnp.roll(out, 1, axis=0)
         if back:
-            ok_b = (g >= 0) & (g < m_)
-            kept = jax.vmap(lambda buf, i: buf[i], **spmd)(c["kept"], g % keep)
-            dy = _on_stages(c["grad_in"].at[-1].set(dy_last.astype(c["grad_in"].dtype)))
-            d_params, dx = backward_all(stage_params, kept, at(micro_rows, g), dy)
-            c["d_params"] = jax.tree.map(
-                lambda acc, x: acc + jnp.where(ok_b.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0),
-                c["d_params"], d_params)
-            _, embed_vjp = jax.vjp(lambda p: embed_fn(p, at(micro_tokens, g[0])), outer_params)
-            c["d_outer"] = add_where(ok_b[0], c["d_outer"], embed_vjp(dx[0])[0])
+            r, m, ok, slot = item(it - turn - (s_ - 1 - stage_ids), backward=True)
+            kept = jax.vmap(lambda buf, i: buf[i], **spmd)(c["kept"], slot)
+            dy = _on_stages(c["grad_in"].at[-1].set(jnp.where(
+                r[-1] == v_ - 1, dy_last.astype(c["grad_in"].dtype), c["grad_in"][-1])))
+            d_params, dx = backward_all(stage_params, kept, r, at(micro_rows, m), dy, ok)
+            c["d_params"] = jax.tree.map(jnp.add, c["d_params"], d_params)
+            _, embed_vjp = jax.vjp(lambda p: embed_fn(p, at(micro_tokens, m[0])), outer_params)
+            c["d_outer"] = add_where(ok[0] & (r[0] == 0), c["d_outer"], embed_vjp(dx[0])[0])
             c["grad_in"] = _on_stages(jnp.roll(dx, -1, axis=0))
         return c, None
 
@@ -221,17 +237,18 @@ def run_1f1b(layer_fn: Callable, block_state, tokens_bt: jax.Array, pipe: Pipeli
              "sums": zeros(jax.eval_shape(lambda: head_fn(
                  outer_params, jnp.zeros(x_shape.shape, x_shape.dtype), at(micro_head, 0))),
                  jnp.float32)}
-    phases = ((True, False, 0, s_ - 1), (True, True, s_ - 1, m_ + s_ - 1),
-              (False, True, m_ + s_ - 1, m_ + 2 * s_ - 2))
+    forwards_end = v_ * m_ + s_ - 1  # one past the last forward iteration
+    phases = ((True, False, 0, turn), (True, True, turn, forwards_end),
+              (False, True, forwards_end, forwards_end + turn))
     for forward, back, start, stop in phases:
         if stop > start:
             carry, _ = jax.lax.scan(
                 lambda c, it, fw=forward, bw=back: iteration(c, it, fw, bw), carry,
                 jnp.arange(start, stop))
-    cast = lambda grads, like: jax.tree.map(lambda g, a: g.reshape(a.shape).astype(a.dtype),
-                                            grads, like)
-    return carry["sums"], (cast(carry["d_params"], block_state),
-                           cast(carry["d_outer"], outer_params))
+    d_blocks = jax.tree.map(lambda g, a: g.swapaxes(0, 1).reshape(a.shape).astype(a.dtype),
+                            carry["d_params"], block_state)
+    return carry["sums"], (d_blocks, jax.tree.map(lambda g, a: g.astype(a.dtype),
+                                                  carry["d_outer"], outer_params))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))

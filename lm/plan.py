@@ -113,7 +113,7 @@ def plan(run: RunConfig, devices: int) -> dict:
         arrays = kept * m.num_layers + recompute
         layers_run = m.num_layers
     elif pipe.schedule == "1f1b":
-        chunk = m.num_layers // stages
+        chunk = m.num_layers // (stages * pipe.virtual_stages)  # layers per stage and pass
         layers_run = pipe.iterations * chunk
         # The inputs of the 2S - 1 micro-batches between forward and backward, the one stage
         # whose backward runs (its forward recomputed: all of it kept, or, with remat, its
@@ -135,7 +135,7 @@ def plan(run: RunConfig, devices: int) -> dict:
     work_b = layer_b + full * array_b
     if pipe:  # the stage's layers regrouped into the schedule's layout, and their gradients
         work_b += stage_b * (cb + pb)
-        if pipe.virtual_stages > 1 and m.remat == "none":
+        if pipe.virtual_stages > 1 and m.remat == "none" and pipe.schedule != "1f1b":
             # a pass's layers, selected per iteration, kept per iteration for the backward
             acts_b += stage_b / pipe.virtual_stages * cb * pipe.iterations
     s, h, a = t.seq_len, m.d_model, m.num_heads

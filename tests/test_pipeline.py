@@ -64,6 +64,14 @@ CASES = {  # name: (mesh, pipeline settings, other overrides)
     "pp2-data2-accumulate2-remat-1f1b-m4": (dict(data=2, pipeline=2),
                                             dict(schedule="1f1b", microbatches=4),
                                             {"train.microbatches": 2, "model.remat": "full"}),
+    # Interleaved 1F1B (Megatron's): v = 2 passes round the ring, groups of S micro-batches.
+    "pp2-1f1b-v2-m4": (dict(data=1, pipeline=2),
+                       dict(schedule="1f1b", virtual_stages=2, microbatches=4), {}),
+    "pp4-1f1b-v2-m8": (dict(data=1, pipeline=4),
+                       dict(schedule="1f1b", virtual_stages=2, microbatches=8), {}),
+    "pp2-fsdp2-tensor2-zero3-1f1b-v2-m4": (dict(data=1, fsdp=2, tensor=2, pipeline=2),
+                                           dict(schedule="1f1b", virtual_stages=2,
+                                                microbatches=4), {"mesh.rules": "zero3+tp"}),
 }
 
 
@@ -114,10 +122,13 @@ def test_bad_pipeline_layouts_are_clear_errors(flat, message):
 def test_config_rejects_bad_pipeline_settings():
     with pytest.raises(ConfigError, match="pipeline.schedule"):
         small_run(**{"pipeline.schedule": "zigzag"})
-    with pytest.raises(ConfigError, match="must be 1 for schedules 'gpipe' and '1f1b'"):
+    with pytest.raises(ConfigError, match="must be 1 for schedule 'gpipe'"):
         small_run(**{"pipeline.virtual_stages": 2})
-    with pytest.raises(ConfigError, match="interleaved 1F1B is not built"):
-        small_run(**{"pipeline.schedule": "1f1b", "pipeline.virtual_stages": 2})
+    with pytest.raises(ConfigError, match="task.name 'lm' so far"):
+        run = small_run(**{**BASE, "model.style": "bert", "task.name": "mlm",
+                           "mesh.pipeline": 2, "pipeline.schedule": "1f1b",
+                           "pipeline.microbatches": 4})
+        train.build(run, sharding.make_mesh(run.mesh, devices=jax.devices()[:2]))
     with pytest.raises(ConfigError, match="must divide the batch"):
         small_run(**{"pipeline.microbatches": 3})
 
