@@ -12,7 +12,9 @@ Schedules (`pipeline.schedule`), with S stages, M micro-batches and v virtual st
                  (S - 1) / (v M + S - 1), and v times the point-to-point traffic.
     1f1b         gpipe's stages and forward order; stage s runs micro-batch m's backward at
                  iteration m + 2S - 2 - s, so it holds at most 2S - 1 micro-batches' inputs
-                 (`run_1f1b`, scheduled by hand: see there). Bubble as gpipe's.
+                 (`run_1f1b`, scheduled by hand: see there). Bubble as gpipe's. With v > 1,
+                 Megatron's interleaved 1F1B (groups of S micro-batches, all v passes each):
+                 2 v S - 1 inputs kept, interleaved's bubble.
 
 How it is written: one `lax.scan` over iterations whose body runs every stage at once with
 `vmap` over a leading stage axis sharded over `pipeline` (so each device computes its own stage)
