@@ -96,7 +96,7 @@ def main():
     for schedule, virtual, micro in [("gpipe", 1, 4), ("gpipe", 1, 8), ("gpipe", 1, 16),
                                      ("interleaved", 2, 4), ("interleaved", 2, 8),
                                      ("interleaved", 2, 16), ("1f1b", 1, 4), ("1f1b", 1, 8),
-                                     ("1f1b", 1, 16)][args.first_row:]:
+                                     ("1f1b", 1, 16), ("1f1b", 2, 8)][args.first_row:]:
         run = make_run(stages, micro, virtual, batch, schedule=schedule)
         t = step_time(run, args.steps)
         predicted = Pipeline(stages, micro, virtual, schedule).bubble
@@ -112,14 +112,15 @@ def main():
           f"{stages} stages; the plan's estimate beside it")
     print("| schedule | remat | M | XLA MB | lm.plan MB |")
     print("|---|---|---:|---:|---:|")
-    for schedule, virtual in [("gpipe", 1), ("interleaved", 2), ("1f1b", 1)][args.first_memory:]:
+    for schedule, virtual in [("gpipe", 1), ("interleaved", 2), ("1f1b", 1),
+                              ("1f1b", 2)][args.first_memory:]:
         for remat in ("none", "full"):
             for micro in (4, 8, 16, 32):
                 run = make_run(stages, micro, virtual, batch=2 * micro, remat=remat,
                                schedule=schedule)
                 xla = compiled_bytes(run)
                 est = plan.plan(run, devices=stages)["total_bytes"]
-                row = {"schedule": schedule, "remat": remat,
+                row = {"schedule": schedule, "virtual_stages": virtual, "remat": remat,
                        "microbatches": micro, "xla_bytes": xla, "plan_bytes": est}
                 results["memory"].append(row)
                 print(f"| {row['schedule']} | {remat} | {micro} | {xla / 1e6:.1f} | "
